@@ -1,0 +1,251 @@
+"""Transformer pieces shared by the LLaDA and Dream families.
+
+Both families are pre-norm decoder stacks with RMSNorm, rotary embeddings, SwiGLU MLPs and *bidirectional*
+attention. They differ only in names on disk, q/k/v biases, grouped-query attention, and Dream's logit shift,
+all of which live in `ModelConfig`. The model takes an optional `KVCache` of preallocated buffers: a forward over
+query positions [start, start + L) writes their keys/values into the cache at that slice and attends over the whole
+cached sequence, which is exactly what the refresh, prefix and dual steps of cached decoding need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    family: str  # "llada" | "dream"
+    vocab_size: int  # rows of the embedding == width of the logits
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_hidden: int
+    rope_theta: float
+    norm_eps: float
+    qkv_bias: bool
+    tie_embeddings: bool
+    mask_token_id: int
+    max_seq_len: int
+    logit_shift: int = 0  # 1 for Dream: the logits used for position i are the raw output at i - 1
+    pad_token_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    hf_config: dict = field(default_factory=dict, repr=False)  # the checkpoint's config.json, kept for saving
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+class KVCache:
+    """Per-layer key/value buffers (n_layers, B, n_kv_heads, T, head_dim), written by index, never concatenated."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, seq_len: int, device, dtype) -> "KVCache":
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, seq_len, cfg.head_dim)
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+
+    def first_rows(self, n: int) -> "KVCache":
+        """A view of the first n rows; valid after the caller moved the live rows there or refreshes them."""
+        return KVCache(self.k[:, :n], self.v[:, :n])
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, 1, L, head_dim) in float32 for integer positions (B, L)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, L, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in float32 (as both reference implementations do), result in x's dtype."""
+    h = x.float()
+    h1, h2 = h.chunk(2, dim=-1)
+    rotated = torch.cat((-h2, h1), dim=-1)
+    return (h * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hd = cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.q = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, key_mask, kv=None, start: int = 0):
+        B, L, _ = x.shape
+        q = self.q(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        k = self.k(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+        v = self.v(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # write this slice, attend over every cached position
+            k_buf, v_buf = kv  # (B, Hkv, T, hd)
+            k_buf[:, :, start : start + L] = k
+            v_buf[:, :, start : start + L] = v
+            k, v = k_buf, v_buf
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, L, hd)
+        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, key_mask, kv=None, start: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, kv, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions counting from each row's first real token (pads get 0; they are never attended to)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def key_mask_from(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, 1, 1, T) boolean key mask for SDPA, or None when nothing is padded (the fast path)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+class DiffusionLM(nn.Module):
+    """A bidirectional transformer returning logits aligned for masked-diffusion decoding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random initialisation (for tiny models and benchmarks); norms start at one."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                with torch.no_grad():
+                    p.normal_(0.0, std, generator=generator)
+        return self
+
+    def hidden(self, input_ids, positions, key_mask=None, cache: KVCache | None = None, start: int = 0):
+        """Final hidden states (B, L, d) for the query tokens input_ids at sequence positions [start, start + L)."""
+        x = self.embed(input_ids)  # (B, L, d)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, key_mask, None if cache is None else cache.layer(i), start)
+        return x
+
+    def logits_for(self, x, positions, key_mask, cache, q_start: int, q_end: int, lo: int, hi: int):
+        """Aligned logits (B, hi - lo, V) for positions [lo, hi), from one forward of the queries [q_start, q_end).
+
+        x and positions are the whole sequence (B, T). The query range must cover the raw outputs that positions
+        [lo, hi) read: [lo - shift, hi - shift) for a family with a logit shift (position 0 keeps its own).
+        Only the needed rows go through the final norm and the (large) output projection.
+        """
+        h = self.hidden(x[:, q_start:q_end], positions[:, q_start:q_end], key_mask, cache, q_start)
+        s = self.config.logit_shift
+        a, b = lo - s - q_start, hi - s - q_start
+        if a < 0:
+            if lo != 0 or q_start != 0:
+                raise ValueError(f"query range [{q_start}, {q_end}) does not cover logits for [{lo}, {hi})")
+            h = torch.cat((h[:, :1], h[:, : b]), dim=1)
+        else:
+            h = h[:, a:b]
+        return self.lm_head(self.norm(h))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V); logits[:, i] is what decoding uses for position i. Rows may be left-padded."""
+        B, L = input_ids.shape
+        if attention_mask is None:
+            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        else:
+            attention_mask = attention_mask.to(input_ids.device)
+            positions = positions_from_mask(attention_mask)
+        return self.logits_for(input_ids, positions, key_mask_from(attention_mask), None, 0, L, 0, L)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward_flops(self, n_queries: int, n_keys: int) -> int:
+        """Matmul FLOPs of one forward of n_queries tokens attending over n_keys (output projection excluded)."""
+        c = self.config
+        hd = c.head_dim
+        proj = 2 * n_queries * c.d_model * hd * (2 * c.n_heads + 2 * c.n_kv_heads)
+        attn = 2 * 2 * n_queries * n_keys * c.n_heads * hd
+        mlp = 2 * 3 * n_queries * c.d_model * c.mlp_hidden
+        return c.n_layers * (proj + attn + mlp)
+
+
+def default_std(cfg: ModelConfig) -> float:
+    return 1.0 / math.sqrt(cfg.d_model)

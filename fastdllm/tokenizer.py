@@ -1,0 +1,80 @@
+"""Text <-> ids through the checkpoint's own Hugging Face tokenizer files, with its chat template when asked."""
+
+from __future__ import annotations
+
+import os
+
+from .models import resolve_source
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+
+    def encode(self, text: str, chat_template: bool = False) -> list[int]:
+        """Token ids of `text`; with chat_template, as a single user turn with the generation prompt appended."""
+        if chat_template:
+            if not getattr(self.hf, "chat_template", None):
+                raise ValueError("this tokenizer has no chat template; set chat_template to false")
+            ids = self.hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True)
+            if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def encode_batch(self, texts, chat_template: bool = False) -> list[list[int]]:
+        return [self.encode(t, chat_template) for t in texts]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def decode_batch(self, batch) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+
+def load_tokenizer(source, revision: str | None = None, trust_remote_code: bool = False) -> Tokenizer:
+    """The tokenizer stored with a checkpoint (built-in name, directory, or cached hub repo id)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_source(source, revision, require_config=False)
+    has_files = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    if not has_files:
+        raise ValueError(f"{path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer warns about our model_type in config.json; it is not its concern
+    try:
+        return Tokenizer(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code))
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+CHAR_SPECIALS = ("<|pad|>", "<|eos|>", "<|mask|>", "<|unk|>")
+# A plain chat template for character-level models: the user's text as is (the tiny tasks carry their own format).
+CHAR_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def char_vocab() -> dict[str, int]:
+    """Specials (pad 0, eos 1, mask 2, unk 3), then the printable ASCII characters."""
+    chars = [chr(c) for c in range(32, 127)]
+    return {t: i for i, t in enumerate(list(CHAR_SPECIALS) + chars)}
+
+
+def save_char_tokenizer(directory) -> dict[str, int]:
+    """Write a character-level Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) to `directory`."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = char_vocab()
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    raw.add_special_tokens(list(CHAR_SPECIALS))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<|pad|>", eos_token="<|eos|>",
+                                  mask_token="<|mask|>", unk_token="<|unk|>")
+    tok.chat_template = CHAR_CHAT_TEMPLATE
+    tok.save_pretrained(str(directory))
+    return vocab
