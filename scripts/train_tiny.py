@@ -39,6 +39,7 @@ VOCAB = char_vocab()
 ID_TO_CHAR = {i: c for c, i in VOCAB.items()}
 PAD, EOS, MASK = VOCAB["<|pad|>"], VOCAB["<|eos|>"], VOCAB["<|mask|>"]
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "mlp_hidden")
+RUN_LOCAL = ("resume", "out", "state_dir", "threads", "device", "max_minutes", "steps", "explicit")
 
 
 def encode(text: str) -> list[int]:
@@ -90,10 +91,15 @@ def hash_seed(seed: int, step: int) -> int:
 
 
 def lr_at(step: int, args) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr at --steps."""
+    """Linear warmup, constant lr, then cosine decay to min_lr_ratio * lr over the last --decay-steps of --steps
+    (with --decay-steps 0 the cosine spans everything after the warmup). Before its decay phase the lr does not
+    depend on --steps, so a run can be resumed with a larger --steps and ends as a fresh run with that --steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    frac = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    start = args.steps - args.decay_steps if args.decay_steps else args.warmup
+    if step < start:
+        return args.lr
+    frac = min(1.0, (step - start) / max(1, args.steps - start))
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
@@ -127,6 +133,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.05, help="final lr as a fraction of --lr")
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--decay-steps", type=int, default=0,
+                    help="cosine decay over the last N steps, constant lr before (0: cosine right after the warmup)")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     ap.add_argument("--eps", type=float, default=1e-3, help="smallest mask ratio t")
@@ -151,11 +159,14 @@ def parse_args(argv=None):
     ap.add_argument("--max-minutes", type=float, default=0.0,
                     help="stop (saving state and model) after this much wall time; 0: no limit")
     args = ap.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args.explicit = {a.dest for a in ap._actions
+                     if any(g == o or g.startswith(o + "=") for g in given for o in a.option_strings)}
     positive = ("steps", "batch_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "threads", "eval_n", "log_every")
     for name in positive:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("warmup", "eval_every", "ckpt_every", "seed"):
+    for name in ("warmup", "decay_steps", "eval_every", "ckpt_every", "seed"):
         if getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.lr <= 0 or not 0 <= args.min_lr_ratio <= 1:
@@ -189,8 +200,10 @@ def main(argv=None):
     start_step, state = 0, None
     if args.resume:
         state = torch.load(args.resume, map_location="cpu", weights_only=False)
-        for k in SHAPE_KEYS + ("seed",):  # the model shape and data stream come from the checkpoint
-            setattr(args, k, state["args"][k])
+        # The model shape and data stream come from the checkpoint; other settings too unless given again.
+        for k, v in state["args"].items():
+            if k in SHAPE_KEYS + ("seed",) or (k not in args.explicit and k not in RUN_LOCAL):
+                setattr(args, k, v)
         start_step = state["step"]
         if start_step >= args.steps:
             sys.exit(f"error: --resume {args.resume} is already at step {start_step}; pass --steps above it")
@@ -214,9 +227,9 @@ def main(argv=None):
     eval_seed = 10_000 + args.seed  # held out: training batches are drawn from other seeds
 
     def save_state(step):
+        saved_args = {k: v for k, v in vars(args).items() if k not in ("device", "explicit")}
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "train_seconds": prior + time.perf_counter() - t0,
-                    "args": {k: v for k, v in vars(args).items() if k != "device"}}, state_dir / "state.tmp")
+                    "train_seconds": prior + time.perf_counter() - t0, "args": saved_args}, state_dir / "state.tmp")
         (state_dir / "state.tmp").replace(state_dir / "state.pt")
 
     t0 = time.perf_counter()
