@@ -76,12 +76,14 @@ def plot(rows, tasks, path: Path, title: str):
     markers = {"quota": "o", "threshold": "s", "factor": "^", "frechet": "D"}
     caches = sorted({r["cache"] for r in rows}, key=lambda c: [r["cache"] for r in rows].index(c))
     colors = {c: f"C{i}" for i, c in enumerate(caches)}
+    sizes = {c: max(20, 130 - 40 * i) for i, c in enumerate(caches)}  # decreasing, so coinciding points stay visible
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for r in rows:
             m = r["tasks"][task]
             ax.scatter(m["mean_nfe"], 100 * m["accuracy"], marker=markers.get(r["rule"], "x"),
-                       color=colors[r["cache"]], s=50, label=f"{r['cache']} / {r['label']}")
+                       color=colors[r["cache"]], s=sizes[r["cache"]], alpha=0.85,
+                       label=f"{r['cache']} / {r['label']}")
         ax.set_xlabel("mean NFE per problem")
         ax.set_ylabel("exact-match accuracy (%)")
         ax.set_title(task)

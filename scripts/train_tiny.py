@@ -39,7 +39,7 @@ VOCAB = char_vocab()
 ID_TO_CHAR = {i: c for c, i in VOCAB.items()}
 PAD, EOS, MASK = VOCAB["<|pad|>"], VOCAB["<|eos|>"], VOCAB["<|mask|>"]
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "mlp_hidden")
-RUN_LOCAL = ("resume", "out", "state_dir", "threads", "device", "max_minutes", "steps", "explicit")
+RUN_LOCAL = ("resume", "init_from", "out", "state_dir", "threads", "device", "max_minutes", "steps", "explicit")
 
 
 def encode(text: str) -> list[int]:
@@ -152,6 +152,9 @@ def parse_args(argv=None):
     ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--state-dir", default="runs/train_tiny", help="training state (for --resume), logs, snapshots")
     ap.add_argument("--resume", default=None, help="a state.pt to continue from (its shape and seed are used)")
+    ap.add_argument("--init-from", default=None,
+                    help="start from the weights of a saved model (e.g. tiny: the shipped one; its shape is used) "
+                         "with a fresh optimizer and schedule")
     ap.add_argument("--eval-every", type=int, default=500, help="quick eval every N steps (0: only at the end)")
     ap.add_argument("--eval-n", type=int, default=100, help="held-out problems per task in the quick eval")
     ap.add_argument("--ckpt-every", type=int, default=500, help="save the training state every N steps")
@@ -180,6 +183,8 @@ def parse_args(argv=None):
         ap.error(f"--d-model ({args.d_model}) must be divisible by --n-heads ({args.n_heads})")
     if args.resume and not Path(args.resume).is_file():
         ap.error(f"--resume {args.resume}: no such file")
+    if args.resume and args.init_from:
+        ap.error("--resume and --init-from exclude each other (--resume already restores the weights)")
     dev = args.device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -207,6 +212,16 @@ def main(argv=None):
         start_step = state["step"]
         if start_step >= args.steps:
             sys.exit(f"error: --resume {args.resume} is already at step {start_step}; pass --steps above it")
+    init = None
+    if args.init_from:
+        try:
+            init = fastdllm.load_model(args.init_from, dtype="float32")
+        except ValueError as e:
+            sys.exit(f"error: --init-from: {e}")
+        c = init.config
+        if c.family != "llada" or c.vocab_size != len(VOCAB) or c.mask_token_id != MASK:
+            sys.exit(f"error: --init-from {args.init_from} is not a character-level LLaDA model like tiny")
+        args.d_model, args.n_layers, args.n_heads, args.mlp_hidden = c.d_model, c.n_layers, c.n_heads, c.mlp_hidden
     cfg = tiny_config(len(VOCAB), MASK, PAD, EOS, d_model=args.d_model, n_layers=args.n_layers,
                       n_heads=args.n_heads, n_kv_heads=args.n_heads, mlp_hidden=args.mlp_hidden, max_seq_len=128)
     torch.manual_seed(args.seed)
@@ -216,6 +231,8 @@ def main(argv=None):
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
