@@ -10,8 +10,11 @@ over the batch. Prompts are left-padded (with an attention mask), as decoding pa
 Training is a fixed function of --seed: the batch and the masks of step i are drawn from generators seeded with
 (seed, i), so a run resumed from a checkpoint continues exactly as an uninterrupted one would.
 
-  PYTHONPATH=. python scripts/train_tiny.py --steps 3000 --threads 1            # writes fastdllm/tiny
-  PYTHONPATH=. python scripts/train_tiny.py --resume runs/train_tiny/state.pt --steps 20000   # train longer
+  # the shipped model (about an hour on one shared CPU core); writes fastdllm/tiny
+  PYTHONPATH=. python scripts/train_tiny.py --steps 8600 --decay-steps 1500 --batch-size 64 --lr 2e-3 --warmup 200
+  # train longer: continue a run (its settings are restored), or start from the shipped weights (e.g. on a GPU)
+  PYTHONPATH=. python scripts/train_tiny.py --resume runs/train_tiny/state.pt --steps 20000 --decay-steps 2000
+  PYTHONPATH=. python scripts/train_tiny.py --init-from tiny --steps 20000 --batch-size 256 --lr 1e-3
 """
 
 from __future__ import annotations
@@ -223,7 +226,7 @@ def main(argv=None):
             sys.exit(f"error: --init-from {args.init_from} is not a character-level LLaDA model like tiny")
         args.d_model, args.n_layers, args.n_heads, args.mlp_hidden = c.d_model, c.n_layers, c.n_heads, c.mlp_hidden
     cfg = tiny_config(len(VOCAB), MASK, PAD, EOS, d_model=args.d_model, n_layers=args.n_layers,
-                      n_heads=args.n_heads, n_kv_heads=args.n_heads, mlp_hidden=args.mlp_hidden, max_seq_len=128)
+                      n_heads=args.n_heads, n_kv_heads=args.n_heads, mlp_hidden=args.mlp_hidden)
     torch.manual_seed(args.seed)
     model = DiffusionLM(cfg).init_weights(0.02, torch.Generator().manual_seed(args.seed))
     model.to(args.device).train()
