@@ -54,7 +54,8 @@ def random_problem(task: str, rng: random.Random, uniform_digits: bool = False) 
     raise ValueError(f"task {task!r} is not one of: {', '.join(TASKS)}")
 
 
-def problems(task: str, n: int, seed: int) -> list[Problem]:
-    """n problems of `task`, a fixed function of seed (the evaluation draw: operands uniform in [0, 10000))."""
-    rng = random.Random(f"{task}:{seed}")
-    return [random_problem(task, rng) for _ in range(n)]
+def problems(task: str, n: int, seed: int, uniform_digits: bool = False) -> list[Problem]:
+    """n problems of `task`, a fixed function of seed. The evaluation draw has operands uniform in [0, 10000)
+    (mostly 4 digits); uniform_digits draws each operand's digit count uniformly from 1-4 instead."""
+    rng = random.Random(f"{task}:{seed}" + (":digits" if uniform_digits else ""))
+    return [random_problem(task, rng, uniform_digits) for _ in range(n)]

@@ -24,6 +24,9 @@ from fastdllm.decoding import CACHE_MODES
 from fastdllm.tasks import TASKS, problems
 
 GEN_LENGTH, BLOCK_LENGTH = 32, 8
+# Extra problem sets (not in the default --tasks): addition with a uniform digit count 1-4 per operand, which
+# weighs short operands far more than the uniform draw (where 90% of operands have 4 digits).
+EXTRA_SETS = {"addition-mixed": "addition"}
 RULE_SETTINGS = {  # name -> (DecodeConfig fields, label)
     "quota": (dict(rule="quota", steps=GEN_LENGTH), "quota (steps=32)"),
     "threshold": (dict(rule="threshold", threshold=0.9), "threshold 0.9"),
@@ -107,7 +110,8 @@ def parse_args(argv=None):
                     help=f"comma-separated cache modes (default: all of {', '.join(CACHE_MODES)})")
     ap.add_argument("--rules", default=",".join(RULE_SETTINGS),
                     help=f"comma-separated rules (default: {', '.join(RULE_SETTINGS)})")
-    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated tasks (default: {', '.join(TASKS)})")
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help=f"comma-separated problem sets: {', '.join(TASKS + tuple(EXTRA_SETS))} (default: {', '.join(TASKS)})")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="runs/eval_tiny/eval",
@@ -118,7 +122,7 @@ def parse_args(argv=None):
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.seed < 0:
         ap.error(f"--seed must be >= 0, got {args.seed}")
-    for name, known in (("caches", CACHE_MODES), ("rules", tuple(RULE_SETTINGS)), ("tasks", TASKS)):
+    for name, known in (("caches", CACHE_MODES), ("rules", tuple(RULE_SETTINGS)), ("tasks", TASKS + tuple(EXTRA_SETS))):
         items = [s.strip() for s in getattr(args, name).split(",") if s.strip()]
         bad = [s for s in items if s not in known]
         if not items or bad:
@@ -135,7 +139,8 @@ def main(argv=None):
         tok = fastdllm.load_tokenizer(args.model)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    probs = {t: problems(t, args.n, args.seed) for t in args.tasks}
+    probs = {t: problems(EXTRA_SETS.get(t, t), args.n, args.seed, uniform_digits=t in EXTRA_SETS)
+             for t in args.tasks}
     rows = []
     t0 = time.perf_counter()
     for cache in args.caches:
