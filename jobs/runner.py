@@ -80,6 +80,7 @@ class Output:
 
     def committed(self) -> dict[int, dict]:
         """Stats of every committed shard, by index."""
+        self.fs.invalidate_cache()  # object stores cache listings; workers wrote behind our back
         try:
             files = self.fs.glob(self.path("stats", "*.json"))
         except FileNotFoundError:
