@@ -6,6 +6,7 @@ A plain class: the job driver wraps it with `ray.remote`; tests and notebooks us
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -116,9 +117,15 @@ class ShardWorker:
         self.cfg = fastdllm.DecodeConfig.from_dict(settings.decode)
         self.max_prompt = self.model.config.max_seq_len - self.cfg.gen_length
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._warm_up()
         self.out_fs, self.out_root = filesystem(settings.output_uri, settings.storage_options)
         for sub in ("shards", "stats"):
             self.out_fs.makedirs(f"{self.out_root}/{sub}", exist_ok=True)
+
+    def _warm_up(self) -> None:
+        """Decode one short row (one block) so the first shard does not pay for lazy kernel and allocator set-up."""
+        one_block = dataclasses.replace(self.cfg, gen_length=self.cfg.block_length, steps=self.cfg.block_length)
+        fastdllm.generate(self.model, [self.tok.encode("0") or [0]], one_block)
 
     def ready(self) -> str:
         return self.name
