@@ -57,7 +57,10 @@ class WorkersSpec(_Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (Ray resource).")
     num_cpus: float = Field(1, ge=0, description="CPUs per actor (Ray resource; also its torch threads).")
     batch_size: int = Field(16, gt=0, description="Prompts decoded together (after sorting a shard by length).")
-    max_retries: int = Field(2, ge=0, description="Extra attempts for a shard whose worker died or raised.")
+    max_retries: int = Field(2, ge=0, description="Extra attempts for a shard whose worker died, raised or timed out.")
+    shard_timeout_s: float | None = Field(None, gt=0, description=(
+        "Give up on a shard attempt after this many seconds from dispatch (for a new actor that includes its model "
+        "load); the actor is replaced and the shard retried. None: no limit."))
 
 
 class FaultSpec(_Strict):
@@ -67,6 +70,8 @@ class FaultSpec(_Strict):
                                                                     "shard's first N attempts.")
     error: dict[int, int] = Field(default_factory=dict, description="Worker raises mid-shard on the shard's "
                                                                     "first N attempts.")
+    hang: dict[int, int] = Field(default_factory=dict, description="Worker sleeps (forever) mid-shard on the "
+                                                                   "shard's first N attempts.")
 
 
 class Manifest(_Strict):

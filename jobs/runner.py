@@ -38,7 +38,7 @@ def worker_settings(m: Manifest) -> WorkerSettings:
         chat_template=m.model.chat_template, trust_remote_code=m.model.trust_remote_code, decode=m.decode,
         output_uri=m.output.uri, prompt_column=m.input.prompt_column, id_column=m.input.id_column,
         storage_options=m.storage_options, batch_size=m.workers.batch_size, crash=m.faults.crash,
-        error=m.faults.error)
+        error=m.faults.error, hang=m.faults.hang)
 
 
 def _identity(m: Manifest) -> dict:
@@ -183,7 +183,11 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
 
 
 def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress: bool | None):
-    """Run shards on `workers.count` actors; returns (generated tokens, {failed shard: why})."""
+    """Run shards on `workers.count` actors; returns (generated tokens, {failed shard: why}).
+
+    Each actor holds one shard at a time; a free actor takes the next shard in the queue. A failed attempt
+    (the actor process died, the task raised, or it ran past workers.shard_timeout_s) puts the shard back at
+    the end of the queue until it has had max_retries + 1 attempts; a dead or stuck actor is replaced."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
     from tqdm import tqdm
@@ -196,36 +200,45 @@ def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress
     actors = {i: actor_cls.remote(settings) for i in slots}
     queue: deque[Shard] = deque(pending)
     attempts: dict[int, int] = {}
-    inflight = {}
+    inflight: dict = {}  # ref -> (slot, shard, dispatch time)
     idle = list(slots)
     failed: dict[int, str] = {}
     tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=sum(s.rows for s in pending), unit="row", desc=m.name, disable=None if progress is None else not progress)
+    bar = tqdm(total=sum(s.rows for s in pending), unit="row", desc=m.name,
+               disable=None if progress is None else not progress)
+
+    def attempt_failed(slot: int, shard: Shard, why: str, replace: bool) -> None:
+        if replace:  # a new process; its model loads again
+            ray.kill(actors[slot], no_restart=True)
+            actors[slot] = actor_cls.remote(settings)
+        idle.append(slot)
+        n = attempts[shard.index] = attempts.get(shard.index, 0) + 1
+        if n <= w.max_retries:
+            log.warning("shard %s failed (attempt %d of %d): %s; retrying", shard.name, n, w.max_retries + 1, why)
+            queue.append(shard)
+        else:
+            log.error("shard %s failed after %d attempts: %s", shard.name, n, why)
+            failed[shard.index] = why
+
     try:
         while queue or inflight:
             while idle and queue:
                 slot, shard = idle.pop(), queue.popleft()
                 ref = actors[slot].run_shard.remote(shard, attempts.get(shard.index, 0))
-                inflight[ref] = (slot, shard)
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            slot, shard = inflight.pop(ref)
+                inflight[ref] = (slot, shard, time.perf_counter())
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0 if w.shard_timeout_s else None)
+            if not ready:
+                now = time.perf_counter()
+                for ref, (slot, shard, since) in list(inflight.items()):
+                    if now - since > w.shard_timeout_s:
+                        del inflight[ref]
+                        attempt_failed(slot, shard, f"timed out after {w.shard_timeout_s:g}s", replace=True)
+                continue
+            slot, shard, _ = inflight.pop(ready[0])
             try:
-                stats = ray.get(ref)
+                stats = ray.get(ready[0])
             except (RayActorError, RayTaskError) as e:
-                died = isinstance(e, RayActorError)
-                why = _reason(e)
-                if died:  # replace the dead actor; its model loads again in the new process
-                    ray.kill(actors[slot], no_restart=True)
-                    actors[slot] = actor_cls.remote(settings)
-                n = attempts[shard.index] = attempts.get(shard.index, 0) + 1
-                if n <= w.max_retries:
-                    log.warning("shard %s failed (attempt %d of %d): %s; retrying", shard.name, n,
-                                w.max_retries + 1, why)
-                    queue.append(shard)
-                else:
-                    log.error("shard %s failed after %d attempts: %s", shard.name, n, why)
-                    failed[shard.index] = why
-                idle.append(slot)
+                attempt_failed(slot, shard, _reason(e), replace=isinstance(e, RayActorError))
                 continue
             idle.append(slot)
             tokens += stats["generated_tokens"]

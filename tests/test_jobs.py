@@ -148,6 +148,15 @@ def test_worker_dying_mid_shard_is_retried_on_a_new_actor(tmp_path, ray_cluster)
     assert stats["00001.json"]["worker"] != stats["00000.json"]["worker"]  # a new process took the retry
 
 
+def test_stuck_shard_times_out_and_is_retried(tmp_path, ray_cluster):
+    ids = write_inputs(tmp_path / "in", n_files=1, rows=6)
+    m = parse_manifest(spec(tmp_path, faults={"hang": {0: 1}}, workers={"shard_timeout_s": 15}))
+    result = run_job(m, address=ray_cluster)
+    assert result.ok, result.failed
+    assert sorted(r["id"] for r in output_rows(tmp_path / "out")) == ids
+    assert json.loads((tmp_path / "out" / "stats" / "00000.json").read_text())["attempt"] == 1
+
+
 def test_shard_that_keeps_failing_is_reported_exit_1(tmp_path, ray_cluster):
     ids = write_inputs(tmp_path / "in", n_files=1, rows=9)
     m = tmp_path / "job.yaml"

@@ -73,10 +73,12 @@ class WorkerSettings:
     trust_remote_code: bool = False
     storage_options: dict = field(default_factory=dict)
     batch_size: int = 16
-    # Fault injection, for tests of the driver's retries only: {shard index: attempts to fail}. `crash` ends the
-    # worker process (os._exit) after decoding the shard's first batch; `error` raises RuntimeError there.
+    # Fault injection, for tests of the driver's retries only: {shard index: attempts to fail}. After decoding
+    # the shard's first batch, `crash` ends the worker process (os._exit), `error` raises RuntimeError, and
+    # `hang` sleeps until the driver's shard timeout gives up on the attempt.
     crash: dict[int, int] = field(default_factory=dict)
     error: dict[int, int] = field(default_factory=dict)
+    hang: dict[int, int] = field(default_factory=dict)
 
 
 def seed_id(row_id) -> int:
@@ -156,6 +158,10 @@ class ShardWorker:
             os._exit(17)
         if attempt < self.s.error.get(shard.index, 0):
             raise RuntimeError(f"injected fault in shard {shard.name} (attempt {attempt})")
+        if attempt < self.s.hang.get(shard.index, 0):
+            log.warning("fault injection: worker %s hangs in shard %s (attempt %d)", self.name, shard.name, attempt)
+            while True:
+                time.sleep(60)
 
     def run_shard(self, shard: Shard, attempt: int = 0) -> dict:
         """Decode one shard and commit it; returns the stats written to stats/NNNNN.json."""
