@@ -10,7 +10,7 @@ cd "$root"
 if ! ls data/demo/*.parquet >/dev/null 2>&1; then
   "$venv/bin/python" scripts/make_demo_data.py data/demo
 fi
-"$venv/bin/fastdllm" plan manifests/demo.yaml | head -n 2
+"$venv/bin/fastdllm" plan manifests/demo.yaml
 "$venv/bin/fastdllm" run manifests/demo.yaml "$@"
 echo
 echo "outputs in $root/runs/demo: job.json, shards/NNNNN.parquet, stats/NNNNN.json, summary.json"
