@@ -134,9 +134,14 @@ def check_prompts(prompts, model: DiffusionLM, gen_length: int) -> list[list[int
     return out
 
 
-def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool]):
-    """Proposed tokens x0 and their confidences (float64) for every block position. logits: (B, L, V)."""
+def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], mask_id: int):
+    """Proposed tokens x0 and their confidences (float64) for every block position. logits: (B, L, V).
+
+    The mask token itself is never proposed (committing it would leave the position masked forever); its
+    probability still counts in the softmax that gives the confidence."""
     B, L, V = logits.shape
+    lg = logits.double()  # (B, L, V) plain logits for the confidence
+    logits[..., mask_id] = -float("inf")  # in place: the caller's logits are not used again
     if cfg.temperature > 0 or cfg.remasking == "random":
         # Each row draws from its own generator, and only while it takes part, so its stream is batch-independent.
         draws = [torch.rand((L, V + 1) if cfg.temperature > 0 else (L, 1), generator=g, device=logits.device,
@@ -152,7 +157,6 @@ def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool]):
     if cfg.remasking == "random":
         conf = u[..., -1]
     else:
-        lg = logits.double()
         conf = torch.exp(lg.gather(-1, x0[..., None]).squeeze(-1) - torch.logsumexp(lg, dim=-1))  # softmax(x0)
     return x0, conf
 
@@ -217,7 +221,7 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
             forwards += 1
             nfe += active_t
             block = x[:, s:e]
-            x0, conf = _propose(logits, cfg, gens, active)
+            x0, conf = _propose(logits, cfg, gens, active, mask_id)
             candidates = block == mask_id
             commit = select(conf, candidates, cfg.rule, quota=schedule[min(step, len(schedule) - 1)], **rule_params)
             x[:, s:e] = torch.where(commit, x0, block)
