@@ -162,9 +162,11 @@ def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], 
 
 
 @torch.inference_mode()
-def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *, row_ids=None) -> GenerateOutput:
+def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *, row_ids=None,
+             max_blocks: int | None = None) -> GenerateOutput:
     """Decode a batch of prompts (lists of token ids, any lengths). `row_ids` (ints) seed per-row noise; by
-    default a row's id is its index."""
+    default a row's id is its index. `max_blocks` (benchmarks) decodes only the first blocks of the full-length
+    problem; the tokens of the blocks not decoded are left out."""
     cfg = config or DecodeConfig()
     mc = model.config
     prompts = check_prompts(prompts, model, cfg.gen_length)
@@ -204,8 +206,9 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
     nfe_out = torch.zeros(B, dtype=torch.long, device=dev)
     live = torch.arange(B, device=dev)  # original index of each live row
     nfe = torch.zeros(B, dtype=torch.long, device=dev)
-    forwards = 0
-    for k in range(cfg.num_blocks):
+    forwards, flops = 0, 0
+    n_blocks = cfg.num_blocks if max_blocks is None else max(1, min(max_blocks, cfg.num_blocks))
+    for k in range(n_blocks):
         s, e = P + k * bl, P + (k + 1) * bl
         active = [True] * x.shape[0]
         active_t = torch.ones(x.shape[0], dtype=torch.bool, device=dev)
@@ -219,6 +222,7 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
                 q0, q1 = s - shift, e
             logits = model.logits_for(x, positions, key_mask, cache, q0, q1, s, e)  # (B, bl, V)
             forwards += 1
+            flops += x.shape[0] * (model.forward_flops(q1 - q0, T) + 2 * bl * mc.d_model * mc.vocab_size)
             nfe += active_t
             block = x[:, s:e]
             x0, conf = _propose(logits, cfg, gens, active, mask_id)
@@ -230,7 +234,7 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
             active = active_t.tolist()  # the one host sync of a step: does any row still have masks here?
             if not any(active):
                 break
-        if stop and k + 1 < cfg.num_blocks:
+        if stop and k + 1 < n_blocks:
             finished = torch.isin(x[:, P:e], stop_ids).any(-1)
             if bool(finished.any()):
                 out[live[finished]] = x[finished, P:]
@@ -250,7 +254,7 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
         nfe_out[live] = nfe
 
     tokens, reasons = [], []
-    out_host, stop_set = out.tolist(), set(stop_ids.tolist())
+    out_host, stop_set = out[:, : n_blocks * bl].tolist(), set(stop_ids.tolist())
     for row in out_host:
         cut = next((i for i, t in enumerate(row) if t in stop_set), None) if stop else None
         tokens.append(row if cut is None else row[:cut])
@@ -260,5 +264,5 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
     nfe_list = nfe_out.tolist()
     stats = dict(rows=B, forward_passes=forwards, nfe=sum(nfe_list), generated_tokens=n_tok, wall_seconds=wall,
                  tokens_per_second=n_tok / wall if wall > 0 else 0.0, prompt_tokens=sum(len(p) for p in prompts),
-                 padded_length=T)
+                 padded_length=T, forward_flops=flops)
     return GenerateOutput(tokens=tokens, nfe=nfe_list, finish_reasons=reasons, stats=stats)
