@@ -123,10 +123,8 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, key_mask):
         """Attention of queries (B, H, L, hd) over keys/values (B, Hkv, T, hd), through the output projection."""
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, L, hd)
+        gqa = self.n_kv_heads != self.n_heads  # grouped heads read the shared keys without copying them
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=gqa)  # (B, H, L, hd)
         B, _, L, _ = q.shape
         return self.o(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, d)
 
