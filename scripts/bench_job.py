@@ -63,8 +63,12 @@ def runner(data: Path, out: Path, decode: dict, args) -> dict:
     start = min(datetime.fromisoformat(s["started_at"]) for s in stats)
     end = max(datetime.fromisoformat(s["finished_at"]) for s in stats)
     tokens = sum(s["generated_tokens"] for s in stats)
-    return {"tokens": tokens, "tps": tokens / (end - start).total_seconds(), "e2e_tps": tokens / e2e,
+    span = (end - start).total_seconds()
+    return {"tokens": tokens, "tps": tokens / span, "e2e_tps": tokens / e2e,
+            "in_shards": sum(s["wall_seconds"] for s in stats) / span,
             "decode_share": sum(s["decode_seconds"] for s in stats) / sum(s["wall_seconds"] for s in stats),
+            "outside_generate": 1 - sum(s["decode_seconds"] for s in stats) / span,
+            "io_share": sum(s["read_seconds"] + s["write_seconds"] for s in stats) / span,
             "ok": result.ok}
 
 
@@ -107,9 +111,11 @@ def main():
           f"{args.threads} thread(s), tiny model on CPU; medians of {args.repeats} rounds")
     print(f"direct      {direct_tps:.1f} tokens/s")
     print(f"runner      {runner_tps:.1f} tokens/s (decode is {100 * med(r['decode_share'] for r in r_runs):.1f}% "
-          f"of shard wall time)")
+          f"of shard wall time; shards are {100 * med(r['in_shards'] for r in r_runs):.1f}% of the span)")
     print(f"runner e2e  {med(r['e2e_tps'] for r in r_runs):.1f} tokens/s including actor start-up and model load")
-    print(f"overhead    {100 * (direct_tps - runner_tps) / direct_tps:.1f}% (target < 10%)")
+    print(f"overhead    {100 * (direct_tps - runner_tps) / direct_tps:.1f}% vs direct (target < 10%); "
+          f"{100 * med(r['outside_generate'] for r in r_runs):.1f}% of the runner's span is outside generate() "
+          f"({100 * med(r['io_share'] for r in r_runs):.1f}% Parquet reads and writes)")
     if not all(r["ok"] and r["tokens"] == tokens for r in r_runs):
         sys.exit("runner and direct disagree on the generated tokens, or shards failed")
 

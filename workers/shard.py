@@ -169,6 +169,7 @@ class ShardWorker:
         started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         cols = [self.s.prompt_column] + ([self.s.id_column] if self.s.id_column else [])
         table = read_shard_rows(shard, cols, self.s.storage_options)
+        read_seconds = time.perf_counter() - t0
         prompts = table.column(self.s.prompt_column).to_pylist()
         if self.s.id_column:
             id_col = table.column(self.s.id_column)
@@ -192,7 +193,7 @@ class ShardWorker:
                 errors[i] = why
         encoded.sort(key=lambda t: (t[0], t[1]))  # similar lengths share a batch: less padding
 
-        counters = ShardStats(shards=1, rows=n, error_rows=n - len(encoded))
+        counters = ShardStats(shards=1, rows=n, error_rows=n - len(encoded), read_seconds=read_seconds)
         t_dec = time.perf_counter()
         bs = self.s.batch_size
         for b in range(0, len(encoded), bs):
@@ -215,8 +216,10 @@ class ShardWorker:
         schema = pa.schema([pa.field("id", id_type)] + OUTPUT_SCHEMA_TAIL)
         out_table = pa.table([ids, [p if isinstance(p, str) else None for p in prompts], texts, completion_ids,
                               n_tokens, nfe, reasons, errors], schema=schema)
+        t_write = time.perf_counter()
         with self.out_fs.open(f"{self.out_root}/shards/{shard.name}.parquet", "wb") as f:
             pq.write_table(out_table, f)
+        counters.write_seconds = time.perf_counter() - t_write
 
         counters.wall_seconds = time.perf_counter() - t0
         stats = {"shard": shard.index, **counters.to_dict(), "worker": self.name, "device": self.device,

@@ -17,8 +17,10 @@ class ShardStats:
     generated_tokens: int = 0
     nfe: int = 0
     forward_passes: int = 0
-    decode_seconds: float = 0.0
-    wall_seconds: float = 0.0
+    read_seconds: float = 0.0  # reading the shard's rows
+    decode_seconds: float = 0.0  # fastdllm.generate calls
+    write_seconds: float = 0.0  # writing the shard's Parquet file
+    wall_seconds: float = 0.0  # reading the shard -> committing it
 
     def __add__(self, other: "ShardStats") -> "ShardStats":
         return ShardStats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
