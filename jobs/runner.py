@@ -194,6 +194,12 @@ def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress
 
     started_ray = _init_ray(address)
     w = m.workers
+    try:
+        _check_resources(w, strict=started_ray)
+    except InvalidJob:
+        if started_ray:
+            ray.shutdown()
+        raise
     actor_cls = ray.remote(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0)(ShardWorker)
     settings = worker_settings(m)
     slots = list(range(min(w.count, len(pending))))
@@ -253,6 +259,21 @@ def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress
         if started_ray:
             ray.shutdown()
     return tokens, failed
+
+
+def _check_resources(w, strict: bool) -> None:
+    """An actor that asks for more CPUs or GPUs than the whole cluster has would wait forever: refuse it on a
+    local Ray we started (InvalidJob), warn on a joined cluster (an autoscaler may still add nodes)."""
+    import ray
+
+    have = ray.cluster_resources()
+    for name, want in (("GPU", w.num_gpus), ("CPU", w.num_cpus)):
+        if want > have.get(name, 0):
+            msg = (f"workers.num_{name.lower()}s is {want:g} but the Ray cluster has {have.get(name, 0):g} {name}s; "
+                   f"lower it (e.g. --set workers.num_{name.lower()}s=0) or join a cluster with --address")
+            if strict:
+                raise InvalidJob(msg)
+            log.warning("%s; actors will wait until the cluster has them", msg)
 
 
 def _reason(e: Exception) -> str:

@@ -136,6 +136,16 @@ def test_changed_config_or_input_refused_unless_forced(tmp_path, ray_cluster):
     assert all(json.loads(p.read_text())["config"]["threshold"] == 0.5 for p in (out / "stats").glob("*.json"))
 
 
+def test_more_gpus_than_the_cluster_has_warns_on_a_joined_cluster(tmp_path, ray_cluster, caplog):
+    from jobs.runner import _check_resources
+    from jobs.manifest import WorkersSpec
+
+    with pytest.raises(InvalidJob, match="workers.num_gpus is 1 but the Ray cluster has 0 GPUs"):
+        _check_resources(WorkersSpec(num_gpus=1), strict=True)
+    _check_resources(WorkersSpec(num_gpus=1), strict=False)
+    assert "actors will wait" in caplog.text
+
+
 def test_worker_dying_mid_shard_is_retried_on_a_new_actor(tmp_path, ray_cluster):
     ids = write_inputs(tmp_path / "in", n_files=1, rows=9)
     m = parse_manifest(spec(tmp_path, faults={"crash": {1: 1}}))
