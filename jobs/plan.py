@@ -20,6 +20,7 @@ from .manifest import InvalidJob, Manifest
 
 log = logging.getLogger("fastdllm.jobs")
 GLOB_CHARS = "*?["
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -169,6 +170,8 @@ def check_model_source(m: Manifest) -> dict:
         else:
             path = resolve_source(src, m.model.revision)  # raises the library's message
         cfg = read_config(Path(path))
+        if Path(src).expanduser().is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+            raise ValueError(f"model directory {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})")
     except (ValueError, OSError) as e:
         raise InvalidJob(f"model.source: {e}") from None
     return {"family": cfg.family, "max_seq_len": cfg.max_seq_len}

@@ -213,7 +213,18 @@ def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress
     bar = tqdm(total=sum(s.rows for s in pending), unit="row", desc=m.name,
                disable=None if progress is None else not progress)
 
+    deaths = 0  # actor deaths since the last committed shard
+    give_up_after = (w.max_retries + 1) * len(slots)
+
     def attempt_failed(slot: int, shard: Shard, why: str, replace: bool) -> None:
+        nonlocal deaths
+        deaths += replace
+        if deaths >= give_up_after and replace:  # every actor keeps dying (a model that cannot load, OOM...)
+            for s in [shard, *queue]:
+                failed[s.index] = f"{why} (gave up: {deaths} worker deaths in a row)"
+            queue.clear()
+            log.error("workers keep dying (%s); giving up on %d shards", why, len(failed))
+            return
         if replace:  # a new process; its model loads again
             ray.kill(actors[slot], no_restart=True)
             actors[slot] = actor_cls.remote(settings)
@@ -247,6 +258,7 @@ def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress
                 attempt_failed(slot, shard, _reason(e), replace=isinstance(e, RayActorError))
                 continue
             idle.append(slot)
+            deaths = 0
             tokens += stats["generated_tokens"]
             bar.update(stats["rows"])
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
@@ -280,12 +292,14 @@ def _reason(e: Exception) -> str:
     """One line saying why a shard attempt failed."""
     from ray.exceptions import RayActorError, RayTaskError
 
+    text = str(e).replace("\x1b[36m", "").replace("\x1b[39m", "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(e, RayActorError):
+        if getattr(e, "_actor_init_failed", False) or "creation task" in text:
+            return f"worker failed to start: {lines[-1][:300]}"  # the last line is the exception
+        return f"worker process died ({lines[0][:200]})" if lines else "worker process died"
     if isinstance(e, RayTaskError):
         cause = getattr(e, "cause", None)
         if cause is not None and not isinstance(cause, RayTaskError):
             return f"{type(cause).__name__}: {cause}"
-    if isinstance(e, RayActorError):
-        text = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in text if "exit" in ln.lower() or "error" in ln.lower()), "")
-        return f"worker died ({detail[:200]})" if detail else "worker died"
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    return f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"

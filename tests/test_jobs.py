@@ -182,6 +182,14 @@ def test_shard_that_keeps_failing_is_reported_exit_1(tmp_path, ray_cluster):
     assert "1 failed" in r.output and "shard 00002 failed" in r.output, r.output
 
 
+def test_workers_that_keep_dying_fail_the_remaining_shards(tmp_path, ray_cluster):
+    write_inputs(tmp_path / "in", n_files=1, rows=9)
+    m = parse_manifest(spec(tmp_path, faults={"crash": {0: 9, 1: 9, 2: 9}}, workers={"max_retries": 0}))
+    result = run_job(m, address=ray_cluster)
+    assert sorted(result.failed) == [0, 1, 2]
+    assert all("worker process died" in why and "gave up" in why for why in result.failed.values()), result.failed
+
+
 def test_killed_driver_then_rerun_gives_every_row_once(tmp_path, ray_cluster):
     ids = write_inputs(tmp_path / "in", n_files=2, rows=12)
     m = tmp_path / "job.yaml"

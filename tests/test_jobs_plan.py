@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ from jobs.plan import make_plan
 from workers import Shard, ShardStats, ShardWorker, WorkerSettings, read_shard_rows
 from workers.storage import expand_env, redact
 
+ROOT = Path(__file__).resolve().parent.parent
 DECODE = {"gen_length": 8, "block_length": 4, "steps": 8}
 
 
@@ -129,6 +131,11 @@ def test_exit2_manifest_model_and_output_problems(tmp_path):
     assert "unknown key 'decode_settings'" in _exit2(tmp_path, {**manifest(tmp_path), "decode_settings": {}})
     assert "model.source" in _exit2(tmp_path, manifest(tmp_path, model={"source": "no-such-model"}))
     assert "model.source" in _exit2(tmp_path, manifest(tmp_path, model={"source": str(tmp_path / "in")}))
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (notok / f).write_bytes((ROOT / "fastdllm" / "tiny" / f).read_bytes())
+    assert "no tokenizer files" in _exit2(tmp_path, manifest(tmp_path, model={"source": str(notok)}))
     assert "block_length (3) must divide" in _exit2(tmp_path, manifest(tmp_path), "--set", "decode.block_length=3")
     assert "threshold must be in (0, 1]" in _exit2(tmp_path, manifest(tmp_path), "--set", "decode.threshold=2")
     assert "unknown decode setting" in _exit2(tmp_path, manifest(tmp_path), "--set", "decode.speed=9")
