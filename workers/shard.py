@@ -6,7 +6,6 @@ A plain class: the job driver wraps it with `ray.remote`; tests and notebooks us
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -125,9 +124,10 @@ class ShardWorker:
             self.out_fs.makedirs(f"{self.out_root}/{sub}", exist_ok=True)
 
     def _warm_up(self) -> None:
-        """Decode one short row (one block) so the first shard does not pay for lazy kernel and allocator set-up."""
-        one_block = dataclasses.replace(self.cfg, gen_length=self.cfg.block_length, steps=self.cfg.block_length)
-        fastdllm.generate(self.model, [self.tok.encode("0") or [0]], one_block)
+        """Decode one full batch of a one-token prompt, so the first shard does not pay for lazy kernel set-up
+        and for growing the allocator's pools to a batch's KV caches and activations."""
+        ids = self.tok.encode("0") or [0]
+        fastdllm.generate(self.model, [ids] * self.s.batch_size, self.cfg)
 
     def ready(self) -> str:
         return self.name
