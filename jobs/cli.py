@@ -12,6 +12,9 @@ import sys
 
 import click
 
+from fastdllm.decoding import CACHE_MODES
+from fastdllm.rules import RULES
+
 from .manifest import InvalidJob
 
 
@@ -128,9 +131,9 @@ def status(output_uri, options, shards):
 @click.option("--gen-length", default=32, show_default=True)
 @click.option("--block-length", default=8, show_default=True)
 @click.option("--steps", default=None, type=int, help="Quota-rule steps (default: gen-length).")
-@click.option("--cache", default="dual", show_default=True, type=click.Choice(["none", "prefix", "dual"]))
+@click.option("--cache", default="dual", show_default=True, type=click.Choice(CACHE_MODES))
 @click.option("--rule", default="threshold", show_default=True,
-              type=click.Choice(["quota", "threshold", "factor", "frechet"]))
+              type=click.Choice(RULES))
 @click.option("--threshold", default=0.9, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--chat-template/--no-chat-template", default=False, show_default=True)
