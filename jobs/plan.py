@@ -99,14 +99,17 @@ def _inspect(uri: str, relpath: str, m: Manifest) -> tuple[InputFile, pa.Array |
             f.seek(max(size - 8 - footer_len, 0))
             footer = f.read(footer_len)
             f.seek(0)
-            pf = pq.ParquetFile(f)
+            # No pre-buffering or reader threads on a Python file object: arrow's pool would release its buffers
+            # after we return, and a release racing interpreter exit aborts the process ("terminate called
+            # without an active exception"), seen on `fastdllm plan` about one run in ten.
+            pf = pq.ParquetFile(f, pre_buffer=False)
             columns = pf.schema_arrow.names
             wanted = [m.input.prompt_column] + ([m.input.id_column] if m.input.id_column else [])
             for kind, col in zip(("prompt_column", "id_column"), wanted):
                 if col not in columns:
                     raise InvalidJob(f"input {uri} has no column {col!r} (input.{kind}; columns: "
                                      f"{', '.join(columns)})")
-            ids = pf.read(columns=[m.input.id_column]).column(0) if m.input.id_column else None
+            ids = pf.read(columns=[m.input.id_column], use_threads=False).column(0) if m.input.id_column else None
             rows = pf.metadata.num_rows
     except InvalidJob:
         raise

@@ -91,7 +91,7 @@ def read_shard_rows(shard: Shard, columns: list[str], storage_options: dict | No
     """The shard's rows of `columns`, reading only the row groups that overlap it."""
     fs, path = filesystem(shard.file, storage_options)
     with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, pre_buffer=False)  # no background reads: see jobs/plan.py
         groups, offset, first = [], 0, None
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -99,7 +99,9 @@ def read_shard_rows(shard: Shard, columns: list[str], storage_options: dict | No
                 groups.append(g)
                 first = offset if first is None else first
             offset += n
-        table = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table()
+        if not groups:
+            return pf.schema_arrow.empty_table().select(columns)
+        table = pf.read_row_groups(groups, columns=columns, use_threads=False)
     return table.select(columns).slice(shard.start - (first or 0), shard.rows)
 
 
