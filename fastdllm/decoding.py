@@ -145,8 +145,10 @@ def check_prompts(prompts, model: DiffusionLM, gen_length: int) -> list[list[int
     return out
 
 
-def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], mask_id: int):
-    """Proposed tokens x0 and their confidences (float64) for every block position. logits: (B, L, V).
+def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], mask_id: int, block_length: int,
+             select: torch.Tensor | None):
+    """Proposed tokens x0 and their confidences (float64). logits: (B, L, V) for the block's positions, or for
+    the L positions `select` (B, L) indexes.
 
     The mask token itself is never proposed (committing it would leave the position masked forever); its
     probability still counts in the softmax that gives the confidence."""
@@ -154,11 +156,14 @@ def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], 
     lg = logits.double()  # (B, L, V) plain logits for the confidence
     logits[..., mask_id] = -float("inf")  # in place: the caller's logits are not used again
     if cfg.temperature > 0 or cfg.remasking == "random":
-        # Each row draws from its own generator, and only while it takes part, so its stream is batch-independent.
-        draws = [torch.rand((L, V + 1) if cfg.temperature > 0 else (L, 1), generator=g, device=logits.device,
-                            dtype=torch.float64) if a else None for g, a in zip(gens, active)]
+        # Each row draws from its own generator, for the whole block, and only while it takes part, so its
+        # stream does not depend on the batch.
+        draws = [torch.rand((block_length, V + 1) if cfg.temperature > 0 else (block_length, 1), generator=g,
+                            device=logits.device, dtype=torch.float64) if a else None for g, a in zip(gens, active)]
         filler = next(d for d in draws if d is not None)
-        u = torch.stack([d if d is not None else torch.ones_like(filler) for d in draws])  # (B, L, V + 1 or 1)
+        u = torch.stack([d if d is not None else torch.ones_like(filler) for d in draws])  # (B, bl, V + 1 or 1)
+        if select is not None:
+            u = u.gather(1, select[..., None].expand(-1, -1, u.shape[-1]))  # (B, L, V + 1 or 1)
     if cfg.temperature > 0:
         # argmax of exp(logits) / (-log u)^T, in log space: logits - T * log(-log u)
         gumbel = u[..., :V].clamp_min(1e-300)
@@ -227,10 +232,16 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
         s, e = P + k * bl, P + (k + 1) * bl
         active = [True] * x.shape[0]
         active_t = torch.ones(x.shape[0], dtype=torch.bool, device=dev)
+        n_masked = bl  # the most masked positions any row has left in this block
         step = 0
         while True:
+            block = x[:, s:e]
+            candidates = block == mask_id  # (B, bl)
+            sel = None  # logits only for the masked positions: (B, n_masked) indices, masked ones first
+            if n_masked < bl:
+                sel = (~candidates).to(torch.uint8).argsort(dim=-1, stable=True)[:, :n_masked]
             if features is not None:  # dLLM-Cache: refresh on its own intervals, else adaptive partial update
-                logits, f = features.forward(model, x, positions, key_mask, active, s, e)
+                logits, f = features.forward(model, x, positions, key_mask, active, s, e, sel)
                 flops += f
             else:
                 if step == 0 or cfg.cache == "none":  # full forward; refreshes every cached position
@@ -239,20 +250,27 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
                     q0, q1 = s - shift, T
                 else:  # dual: the block alone over the cached prefix and suffix
                     q0, q1 = s - shift, e
-                logits = model.logits_for(x, positions, key_mask, cache, q0, q1, s, e)  # (B, bl, V)
-                flops += x.shape[0] * (model.forward_flops(q1 - q0, T) + 2 * bl * mc.d_model * mc.vocab_size)
+                logits = model.logits_for(x, positions, key_mask, cache, q0, q1, s, e, sel)  # (B, n_masked, V)
+                flops += x.shape[0] * (model.forward_flops(q1 - q0, T) + 2 * n_masked * mc.d_model * mc.vocab_size)
             forwards += 1
             nfe += active_t
-            block = x[:, s:e]
-            x0, conf = _propose(logits, cfg, gens, active, mask_id)
-            candidates = block == mask_id
-            commit = select(conf, candidates, cfg.rule, quota=schedule[min(step, len(schedule) - 1)], **rule_params)
+            x0, conf = _propose(logits, cfg, gens, active, mask_id, bl, sel)
+            quota = schedule[min(step, len(schedule) - 1)]
+            if sel is None:
+                commit = select(conf, candidates, cfg.rule, quota=quota, **rule_params)
+            else:
+                commit_sel = select(conf, candidates.gather(1, sel), cfg.rule, quota=quota, **rule_params)
+                commit = torch.zeros_like(candidates).scatter(1, sel, commit_sel)
+                x0 = block.scatter(1, sel, x0)
             x[:, s:e] = torch.where(commit, x0, block)
             step += 1
-            active_t = (x[:, s:e] == mask_id).any(-1)
-            active = active_t.tolist()  # the one host sync of a step: does any row still have masks here?
-            if not any(active):
+            left = (x[:, s:e] == mask_id).sum(-1)
+            left_host = left.tolist()  # the one host sync of a step: how many masks each row has left here
+            n_masked = max(left_host)
+            if n_masked == 0:
                 break
+            active_t = left > 0
+            active = [n > 0 for n in left_host]
         if stop and k + 1 < n_blocks:
             finished = torch.isin(x[:, P:e], stop_ids).any(-1)
             if bool(finished.any()):

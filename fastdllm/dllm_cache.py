@@ -46,8 +46,10 @@ class FeatureCache:
         self.steps = [s for s, k in zip(self.steps, keep_host) if k]
 
     @torch.inference_mode()
-    def forward(self, model: DiffusionLM, x, positions, key_mask, active: list[bool], lo: int, hi: int):
-        """One decoding step: aligned logits (B, hi - lo, V) for positions [lo, hi) and the matmul FLOPs spent."""
+    def forward(self, model: DiffusionLM, x, positions, key_mask, active: list[bool], lo: int, hi: int,
+                select: torch.Tensor | None = None):
+        """One decoding step: aligned logits (B, hi - lo, V) for positions [lo, hi) (or the `select`ed ones, as in
+        `DiffusionLM.logits_for`) and the matmul FLOPs spent."""
         c = model.config
         B, T = x.shape
         dev = x.device
@@ -111,8 +113,9 @@ class FeatureCache:
         a, b = lo - s - t0, hi - s - t0
         if a < 0:
             raise ValueError("dllm cache: the response region does not cover the requested logits")
-        flops += B * 2 * (hi - lo) * c.d_model * c.vocab_size
-        return model.lm_head(model.norm(h[:, a:b])), flops
+        n_out = hi - lo if select is None else select.shape[1]
+        flops += B * 2 * n_out * c.d_model * c.vocab_size
+        return model.output(h[:, a:b], select), flops
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -216,12 +216,20 @@ class DiffusionLM(nn.Module):
             x = layer(x, cos, sin, key_mask, None if cache is None else cache.layer(i), start)
         return x
 
-    def logits_for(self, x, positions, key_mask, cache, q_start: int, q_end: int, lo: int, hi: int):
+    def output(self, h: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for final hidden states h (B, L, d), or only for the rows that `select` (B, M) indexes."""
+        if select is not None:
+            h = h.gather(1, select[..., None].expand(-1, -1, h.shape[-1]))  # (B, M, d)
+        return self.lm_head(self.norm(h))
+
+    def logits_for(self, x, positions, key_mask, cache, q_start: int, q_end: int, lo: int, hi: int,
+                   select: torch.Tensor | None = None):
         """Aligned logits (B, hi - lo, V) for positions [lo, hi), from one forward of the queries [q_start, q_end).
 
         x and positions are the whole sequence (B, T). The query range must cover the raw outputs that positions
         [lo, hi) read: [lo - shift, hi - shift) for a family with a logit shift (position 0 keeps its own).
-        Only the needed rows go through the final norm and the (large) output projection.
+        Only the needed rows go through the final norm and the (large) output projection: with `select` (B, M),
+        indices into [lo, hi), only those M per row (logits (B, M, V)).
         """
         h = self.hidden(x[:, q_start:q_end], positions[:, q_start:q_end], key_mask, cache, q_start)
         s = self.config.logit_shift
@@ -232,7 +240,7 @@ class DiffusionLM(nn.Module):
             h = torch.cat((h[:, :1], h[:, : b]), dim=1)
         else:
             h = h[:, a:b]
-        return self.lm_head(self.norm(h))
+        return self.output(h, select)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V); logits[:, i] is what decoding uses for position i. Rows may be left-padded."""
