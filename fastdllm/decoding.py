@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dllm_cache import FeatureCache
 from .models.common import DiffusionLM, KVCache, key_mask_from, positions_from_mask
 from .rules import RULES, quota_schedule, select
 
-CACHE_MODES = ("none", "prefix", "dual")
+CACHE_MODES = ("none", "prefix", "dual", "dllm")
 REMASKING = ("low_confidence", "random")
 
 
@@ -30,7 +31,7 @@ class DecodeConfig:
     gen_length: int = 256
     block_length: int = 32
     steps: int = 256  # total steps for the quota rule; steps / num_blocks per block
-    cache: str = "dual"  # none | prefix | dual
+    cache: str = "dual"  # none | prefix | dual | dllm
     rule: str = "threshold"  # quota | threshold | factor | frechet
     threshold: float = 0.9
     factor: float = 1.0
@@ -40,12 +41,17 @@ class DecodeConfig:
     stop_at_eos: bool = True
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's stop ids
     seed: int = 0
+    # dLLM-Cache (cache="dllm"): refresh intervals in steps for the prompt (K_p) and the response (K_r), and the
+    # share of response positions recomputed per layer on the other steps (rho). Defaults: the paper's LLaDA setting.
+    prompt_interval: int = 50
+    response_interval: int = 7
+    adaptive_ratio: float = 0.25
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(msg)
 
-        for name in ("gen_length", "block_length", "steps", "seed"):
+        for name in ("gen_length", "block_length", "steps", "seed", "prompt_interval", "response_interval"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(f"{name} must be an integer, got {v!r}")
@@ -72,6 +78,11 @@ class DecodeConfig:
             bad(f"frechet_margin must be a non-negative number, got {self.frechet_margin}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             bad(f"temperature must be >= 0, got {self.temperature}")
+        if self.prompt_interval < 1 or self.response_interval < 1:
+            bad(f"prompt_interval ({self.prompt_interval}) and response_interval ({self.response_interval}) "
+                "must be at least 1 step")
+        if not 0.0 <= self.adaptive_ratio <= 1.0:
+            bad(f"adaptive_ratio must be in [0, 1], got {self.adaptive_ratio}")
         if self.seed < 0:
             bad(f"seed must be >= 0, got {self.seed}")
         if self.stop_token_ids is not None:
@@ -134,15 +145,25 @@ def check_prompts(prompts, model: DiffusionLM, gen_length: int) -> list[list[int
     return out
 
 
-def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool]):
-    """Proposed tokens x0 and their confidences (float64) for every block position. logits: (B, L, V)."""
+def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], mask_id: int, block_length: int,
+             select: torch.Tensor | None):
+    """Proposed tokens x0 and their confidences (float64). logits: (B, L, V) for the block's positions, or for
+    the L positions `select` (B, L) indexes.
+
+    The mask token itself is never proposed (committing it would leave the position masked forever); its
+    probability still counts in the softmax that gives the confidence."""
     B, L, V = logits.shape
+    lg = logits.double()  # (B, L, V) plain logits for the confidence
+    logits[..., mask_id] = -float("inf")  # in place: the caller's logits are not used again
     if cfg.temperature > 0 or cfg.remasking == "random":
-        # Each row draws from its own generator, and only while it takes part, so its stream is batch-independent.
-        draws = [torch.rand((L, V + 1) if cfg.temperature > 0 else (L, 1), generator=g, device=logits.device,
-                            dtype=torch.float64) if a else None for g, a in zip(gens, active)]
+        # Each row draws from its own generator, for the whole block, and only while it takes part, so its
+        # stream does not depend on the batch.
+        draws = [torch.rand((block_length, V + 1) if cfg.temperature > 0 else (block_length, 1), generator=g,
+                            device=logits.device, dtype=torch.float64) if a else None for g, a in zip(gens, active)]
         filler = next(d for d in draws if d is not None)
-        u = torch.stack([d if d is not None else torch.ones_like(filler) for d in draws])  # (B, L, V + 1 or 1)
+        u = torch.stack([d if d is not None else torch.ones_like(filler) for d in draws])  # (B, bl, V + 1 or 1)
+        if select is not None:
+            u = u.gather(1, select[..., None].expand(-1, -1, u.shape[-1]))  # (B, L, V + 1 or 1)
     if cfg.temperature > 0:
         # argmax of exp(logits) / (-log u)^T, in log space: logits - T * log(-log u)
         gumbel = u[..., :V].clamp_min(1e-300)
@@ -152,15 +173,16 @@ def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool]):
     if cfg.remasking == "random":
         conf = u[..., -1]
     else:
-        lg = logits.double()
         conf = torch.exp(lg.gather(-1, x0[..., None]).squeeze(-1) - torch.logsumexp(lg, dim=-1))  # softmax(x0)
     return x0, conf
 
 
 @torch.inference_mode()
-def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *, row_ids=None) -> GenerateOutput:
+def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *, row_ids=None,
+             max_blocks: int | None = None) -> GenerateOutput:
     """Decode a batch of prompts (lists of token ids, any lengths). `row_ids` (ints) seed per-row noise; by
-    default a row's id is its index."""
+    default a row's id is its index. `max_blocks` (benchmarks) decodes only the first blocks of the full-length
+    problem; the tokens of the blocks not decoded are left out."""
     cfg = config or DecodeConfig()
     mc = model.config
     prompts = check_prompts(prompts, model, cfg.gen_length)
@@ -191,42 +213,65 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
     gens = None
     if cfg.temperature > 0 or cfg.remasking == "random":
         gens = [torch.Generator(device=dev).manual_seed(row_seed(cfg.seed, r)) for r in row_ids]
-    cache = KVCache.allocate(mc, B, T, dev, model.dtype) if cfg.cache != "none" else None
+    shift = mc.logit_shift
+    cache = KVCache.allocate(mc, B, T, dev, model.dtype) if cfg.cache in ("prefix", "dual") else None
+    features = None
+    if cfg.cache == "dllm":
+        features = FeatureCache(model, B, T, P - shift, prompt_interval=cfg.prompt_interval,
+                                response_interval=cfg.response_interval, adaptive_ratio=cfg.adaptive_ratio)
     schedule = quota_schedule(bl, cfg.steps // cfg.num_blocks)
     rule_params = dict(threshold=cfg.threshold, factor=cfg.factor, frechet_margin=cfg.frechet_margin)
-    shift = mc.logit_shift
 
     out = x[:, P:].clone()  # (B, G) final tokens by original row
     nfe_out = torch.zeros(B, dtype=torch.long, device=dev)
     live = torch.arange(B, device=dev)  # original index of each live row
     nfe = torch.zeros(B, dtype=torch.long, device=dev)
-    forwards = 0
-    for k in range(cfg.num_blocks):
+    forwards, flops = 0, 0
+    n_blocks = cfg.num_blocks if max_blocks is None else max(1, min(max_blocks, cfg.num_blocks))
+    for k in range(n_blocks):
         s, e = P + k * bl, P + (k + 1) * bl
         active = [True] * x.shape[0]
         active_t = torch.ones(x.shape[0], dtype=torch.bool, device=dev)
+        n_masked = bl  # the most masked positions any row has left in this block
         step = 0
         while True:
-            if step == 0 or cfg.cache == "none":  # full forward; refreshes every cached position
-                q0, q1 = 0, T
-            elif cfg.cache == "prefix":  # [s, T) over the cached prefix
-                q0, q1 = s - shift, T
-            else:  # dual: the block alone over the cached prefix and suffix
-                q0, q1 = s - shift, e
-            logits = model.logits_for(x, positions, key_mask, cache, q0, q1, s, e)  # (B, bl, V)
+            block = x[:, s:e]
+            candidates = block == mask_id  # (B, bl)
+            sel = None  # logits only for the masked positions: (B, n_masked) indices, masked ones first
+            if n_masked < bl:
+                sel = (~candidates).to(torch.uint8).argsort(dim=-1, stable=True)[:, :n_masked]
+            if features is not None:  # dLLM-Cache: refresh on its own intervals, else adaptive partial update
+                logits, f = features.forward(model, x, positions, key_mask, active, s, e, sel)
+                flops += f
+            else:
+                if step == 0 or cfg.cache == "none":  # full forward; refreshes every cached position
+                    q0, q1 = 0, T
+                elif cfg.cache == "prefix":  # [s, T) over the cached prefix
+                    q0, q1 = s - shift, T
+                else:  # dual: the block alone over the cached prefix and suffix
+                    q0, q1 = s - shift, e
+                logits = model.logits_for(x, positions, key_mask, cache, q0, q1, s, e, sel)  # (B, n_masked, V)
+                flops += x.shape[0] * (model.forward_flops(q1 - q0, T) + 2 * n_masked * mc.d_model * mc.vocab_size)
             forwards += 1
             nfe += active_t
-            block = x[:, s:e]
-            x0, conf = _propose(logits, cfg, gens, active)
-            candidates = block == mask_id
-            commit = select(conf, candidates, cfg.rule, quota=schedule[min(step, len(schedule) - 1)], **rule_params)
+            x0, conf = _propose(logits, cfg, gens, active, mask_id, bl, sel)
+            quota = schedule[min(step, len(schedule) - 1)]
+            if sel is None:
+                commit = select(conf, candidates, cfg.rule, quota=quota, **rule_params)
+            else:
+                commit_sel = select(conf, candidates.gather(1, sel), cfg.rule, quota=quota, **rule_params)
+                commit = torch.zeros_like(candidates).scatter(1, sel, commit_sel)
+                x0 = block.scatter(1, sel, x0)
             x[:, s:e] = torch.where(commit, x0, block)
             step += 1
-            active_t = (x[:, s:e] == mask_id).any(-1)
-            active = active_t.tolist()  # the one host sync of a step: does any row still have masks here?
-            if not any(active):
+            left = (x[:, s:e] == mask_id).sum(-1)
+            left_host = left.tolist()  # the one host sync of a step: how many masks each row has left here
+            n_masked = max(left_host)
+            if n_masked == 0:
                 break
-        if stop and k + 1 < cfg.num_blocks:
+            active_t = left > 0
+            active = [n > 0 for n in left_host]
+        if stop and k + 1 < n_blocks:
             finished = torch.isin(x[:, P:e], stop_ids).any(-1)
             if bool(finished.any()):
                 out[live[finished]] = x[finished, P:]
@@ -241,12 +286,14 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
                     break
                 if cache is not None:
                     cache = cache.first_rows(x.shape[0])  # refreshed by the next block's full forward
+                if features is not None:
+                    features.keep(keep, keep_host)
     if x.shape[0]:
         out[live] = x[:, P:]
         nfe_out[live] = nfe
 
     tokens, reasons = [], []
-    out_host, stop_set = out.tolist(), set(stop_ids.tolist())
+    out_host, stop_set = out[:, : n_blocks * bl].tolist(), set(stop_ids.tolist())
     for row in out_host:
         cut = next((i for i, t in enumerate(row) if t in stop_set), None) if stop else None
         tokens.append(row if cut is None else row[:cut])
@@ -256,5 +303,5 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
     nfe_list = nfe_out.tolist()
     stats = dict(rows=B, forward_passes=forwards, nfe=sum(nfe_list), generated_tokens=n_tok, wall_seconds=wall,
                  tokens_per_second=n_tok / wall if wall > 0 else 0.0, prompt_tokens=sum(len(p) for p in prompts),
-                 padded_length=T)
+                 padded_length=T, forward_flops=flops)
     return GenerateOutput(tokens=tokens, nfe=nfe_list, finish_reasons=reasons, stats=stats)

@@ -1,13 +1,127 @@
-"""`fastdllm` console script: parse arguments and hand off; no logic lives here."""
+"""`fastdllm` console script: parse arguments and hand off; no logic lives here.
+
+Exit codes: 0 every shard committed; 1 some shards failed (named, with why); 2 invalid manifest, input or output
+(one line on stderr, detected before any work).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+
 import click
+
+from fastdllm.decoding import CACHE_MODES
+from fastdllm.rules import RULES
+
+from .manifest import InvalidJob
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("fsspec", "s3fs", "botocore", "aiobotocore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(e: InvalidJob):
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Batch generation with diffusion language models (LLaDA, Dream)."""
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a manifest field, e.g. --set decode.threshold=0.8 (repeatable).")
+@click.option("--address", default=None, help="Join a Ray cluster (auto, ray://host:10001, host:port); "
+                                                "default: start a local one (or RAY_ADDRESS).")
+@click.option("--force", is_flag=True, help="Discard an existing output made with another input or config.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs (one line per committed shard).")
+def run(manifest, overrides, address, force, progress, verbose):
+    """Run (or resume) the job in MANIFEST; committed shards of an earlier run are kept."""
+    from .manifest import load_manifest
+    from .runner import run_job
+
+    _setup_logging(verbose)
+    try:
+        spec = load_manifest(manifest, overrides)
+        result = run_job(spec, address=address, force=force, progress=progress)
+    except InvalidJob as e:
+        _fail(e)
+    s = result.summary
+    t = s["totals"]
+    click.echo(f"{s['committed']}/{s['shards']} shards committed in {result.output_uri}: {t['rows']} rows "
+               f"({t['error_rows']} bad), {t['generated_tokens']} tokens; this run {s['run']['shards_run']} shards "
+               f"at {s['run']['tokens_per_second']:.1f} tokens/s")
+    if result.failed:
+        for k, why in sorted(result.failed.items()):
+            click.echo(f"shard {k:05d} failed: {why}", err=True)
+        click.echo(f"{len(result.failed)} shard(s) failed; rerun the same command to retry them", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a manifest field.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(manifest, overrides, as_json):
+    """Validate MANIFEST and print its shard plan (shards, rows, input files); writes nothing."""
+    from .manifest import load_manifest
+    from .plan import check_model_source, make_plan
+
+    try:
+        spec = load_manifest(manifest, overrides)
+        check_model_source(spec)
+        p = make_plan(spec)
+    except InvalidJob as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    click.echo(f"job {spec.name}: {len(p.shards)} shards, {p.rows} rows, {len(p.files)} files -> {spec.output.uri}")
+    click.echo(f"input fingerprint {p.fingerprint[:16]}")
+    for f in p.files:
+        n = sum(1 for s in p.shards if s.file == f.uri)
+        click.echo(f"  {f.uri}: {f.rows} rows, {n} shards")
+    for s in p.shards:
+        click.echo(f"  shard {s.name}: {s.relpath} rows [{s.start}, {s.stop})")
+
+
+@main.command()
+@click.argument("output_uri")
+@click.option("-o", "--storage-option", "options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option, e.g. -o endpoint_url=http://127.0.0.1:9000 (values may use ${VAR}).")
+@click.option("--shards/--no-shards", default=False, help="Print the per-shard throughput table.")
+def status(output_uri, options, shards):
+    """Committed / pending / failed shards, rows, tokens and throughput of the job in OUTPUT_URI."""
+    from .status import job_status, throughput_table
+
+    opts = {}
+    for item in options:
+        k, sep, v = item.partition("=")
+        if not sep:
+            _fail(InvalidJob(f"--storage-option {item!r} is not KEY=VALUE"))
+        opts[k] = v
+    try:
+        st = job_status(output_uri, opts)
+    except InvalidJob as e:
+        _fail(e)
+    t = st["totals"]
+    click.echo(f"job {st['name']} in {output_uri}: {len(st['committed'])}/{st['shards']} shards committed, "
+               f"{len(st['pending'])} pending, {len(st['failed'])} failed")
+    click.echo(f"rows {t.rows}/{st['rows']} ({t.error_rows} bad), {t.generated_tokens} tokens, {t.nfe} nfe, "
+               f"{t.tokens_per_second:.1f} tokens/s per worker")
+    for k, why in sorted(st["failed"].items()):
+        click.echo(f"shard {k:05d} failed: {why}")
+    if shards and st["stats"]:
+        click.echo(throughput_table(st["stats"]))
 
 
 @main.command()
@@ -17,9 +131,9 @@ def main():
 @click.option("--gen-length", default=32, show_default=True)
 @click.option("--block-length", default=8, show_default=True)
 @click.option("--steps", default=None, type=int, help="Quota-rule steps (default: gen-length).")
-@click.option("--cache", default="dual", show_default=True, type=click.Choice(["none", "prefix", "dual"]))
+@click.option("--cache", default="dual", show_default=True, type=click.Choice(CACHE_MODES))
 @click.option("--rule", default="threshold", show_default=True,
-              type=click.Choice(["quota", "threshold", "factor", "frechet"]))
+              type=click.Choice(RULES))
 @click.option("--threshold", default=0.9, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--chat-template/--no-chat-template", default=False, show_default=True)

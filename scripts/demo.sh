@@ -1,8 +1,23 @@
 #!/usr/bin/env bash
-# The demo: decode a few prompts with the built-in tiny model (sets up .venv first).
+# The demo: make the demo prompts (if missing), run manifests/demo.yaml as a job on a local Ray with the built-in
+# tiny model, then show where the outputs are and the per-shard throughput. Sets up .venv first.
+# A second run resumes the same output and has nothing left to do; remove runs/demo to start over.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 venv="${FASTDLLM_VENV:-$root/.venv}"
 cd "$root"
-exec "$venv/bin/fastdllm" generate --model tiny --gen-length 32 --block-length 8 "12+34=" "5071+923=" "sort:93181=" "sort:4455120="
+if ! ls data/demo/*.parquet >/dev/null 2>&1; then
+  "$venv/bin/python" scripts/make_demo_data.py data/demo
+fi
+"$venv/bin/fastdllm" plan manifests/demo.yaml
+"$venv/bin/fastdllm" run manifests/demo.yaml "$@"
+echo
+echo "outputs in $root/runs/demo: job.json, shards/NNNNN.parquet, stats/NNNNN.json, summary.json"
+"$venv/bin/fastdllm" status runs/demo --shards
+"$venv/bin/python" - <<'PY'
+import pyarrow.parquet as pq
+rows = pq.read_table("runs/demo/shards/00000.parquet").to_pylist()[:4]
+for r in rows:
+    print(f"  {r['id']}: {r['prompt']!r} -> {r['completion']!r} ({r['finish_reason']}, nfe {r['nfe']})")
+PY

@@ -111,22 +111,32 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
 
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, n * hd) -> (B, n, L, hd)"""
+        B, L, _ = t.shape
+        return t.view(B, L, -1, self.head_dim).transpose(1, 2)
+
+    def qkv(self, x, cos, sin):
+        """Rotated queries (B, H, L, hd), rotated keys and values (B, Hkv, L, hd)."""
+        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, key_mask):
+        """Attention of queries (B, H, L, hd) over keys/values (B, Hkv, T, hd), through the output projection."""
+        gqa = self.n_kv_heads != self.n_heads  # grouped heads read the shared keys without copying them
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=gqa)  # (B, H, L, hd)
+        B, _, L, _ = q.shape
+        return self.o(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, d)
+
     def forward(self, x, cos, sin, key_mask, kv=None, start: int = 0):
-        B, L, _ = x.shape
-        q = self.q(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
-        k = self.k(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
-        v = self.v(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.qkv(x, cos, sin)
         if kv is not None:  # write this slice, attend over every cached position
             k_buf, v_buf = kv  # (B, Hkv, T, hd)
+            L = x.shape[1]
             k_buf[:, :, start : start + L] = k
             v_buf[:, :, start : start + L] = v
             k, v = k_buf, v_buf
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, L, hd)
-        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+        return self.attend(q, k, v, key_mask)
 
 
 class MLP(nn.Module):
@@ -206,12 +216,20 @@ class DiffusionLM(nn.Module):
             x = layer(x, cos, sin, key_mask, None if cache is None else cache.layer(i), start)
         return x
 
-    def logits_for(self, x, positions, key_mask, cache, q_start: int, q_end: int, lo: int, hi: int):
+    def output(self, h: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for final hidden states h (B, L, d), or only for the rows that `select` (B, M) indexes."""
+        if select is not None:
+            h = h.gather(1, select[..., None].expand(-1, -1, h.shape[-1]))  # (B, M, d)
+        return self.lm_head(self.norm(h))
+
+    def logits_for(self, x, positions, key_mask, cache, q_start: int, q_end: int, lo: int, hi: int,
+                   select: torch.Tensor | None = None):
         """Aligned logits (B, hi - lo, V) for positions [lo, hi), from one forward of the queries [q_start, q_end).
 
         x and positions are the whole sequence (B, T). The query range must cover the raw outputs that positions
         [lo, hi) read: [lo - shift, hi - shift) for a family with a logit shift (position 0 keeps its own).
-        Only the needed rows go through the final norm and the (large) output projection.
+        Only the needed rows go through the final norm and the (large) output projection: with `select` (B, M),
+        indices into [lo, hi), only those M per row (logits (B, M, V)).
         """
         h = self.hidden(x[:, q_start:q_end], positions[:, q_start:q_end], key_mask, cache, q_start)
         s = self.config.logit_shift
@@ -222,7 +240,7 @@ class DiffusionLM(nn.Module):
             h = torch.cat((h[:, :1], h[:, : b]), dim=1)
         else:
             h = h[:, a:b]
-        return self.lm_head(self.norm(h))
+        return self.output(h, select)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V); logits[:, i] is what decoding uses for position i. Rows may be left-padded."""

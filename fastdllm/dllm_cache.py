@@ -1,0 +1,136 @@
+"""dLLM-Cache (Liu et al., 2025): adaptive per-layer feature caching, the `cache="dllm"` decoding mode.
+
+Each layer caches, for every position, its keys and values and the outputs of its attention (after the output
+projection) and of its MLP (after the down projection). The prompt and the response region are refreshed on
+their own intervals (`prompt_interval`, `response_interval` steps); step 0 computes everything. On the other
+steps each layer recomputes the values of the response region, compares them with the cached ones (cosine
+similarity), and recomputes queries, keys, attention and MLP only for the `adaptive_ratio` least similar
+positions of each row; a layer's output is its input plus the cached attention and MLP outputs.
+
+The step counter is per row (the forwards the row took part in), so a row refreshes on its own schedule and its
+result does not depend on its batch. When some rows refresh a region and others do not, the region is computed
+for all rows and each row writes back only what its own schedule allows.
+
+The response region starts at the first generated position, or one earlier for families with a logit shift
+(Dream reads position i's logits from the output at i - 1, so that output belongs with the response).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .models.common import DiffusionLM, rope_tables
+
+
+class FeatureCache:
+    """Per-layer feature buffers for one generate() call and the per-row step counters."""
+
+    def __init__(self, model: DiffusionLM, batch: int, seq_len: int, response_start: int, *, prompt_interval: int,
+                 response_interval: int, adaptive_ratio: float):
+        c = model.config
+        dev, dt = model.device, model.dtype
+        L, B, T = c.n_layers, batch, seq_len
+        self.k = torch.zeros((L, B, c.n_kv_heads, T, c.head_dim), device=dev, dtype=dt)
+        self.v = torch.zeros_like(self.k)
+        self.attn = torch.zeros((L, B, T, c.d_model), device=dev, dtype=dt)  # attention outputs
+        self.mlp = torch.zeros_like(self.attn)  # MLP outputs
+        self.r0 = response_start
+        self.kp, self.kr, self.ratio = prompt_interval, response_interval, adaptive_ratio
+        self.steps = [0] * B  # forwards each row took part in
+
+    def keep(self, keep: torch.Tensor, keep_host: list[bool]):
+        """Drop finished rows (their features are not needed any more)."""
+        self.k, self.v = self.k[:, keep], self.v[:, keep]
+        self.attn, self.mlp = self.attn[:, keep], self.mlp[:, keep]
+        self.steps = [s for s, k in zip(self.steps, keep_host) if k]
+
+    @torch.inference_mode()
+    def forward(self, model: DiffusionLM, x, positions, key_mask, active: list[bool], lo: int, hi: int,
+                select: torch.Tensor | None = None):
+        """One decoding step: aligned logits (B, hi - lo, V) for positions [lo, hi) (or the `select`ed ones, as in
+        `DiffusionLM.logits_for`) and the matmul FLOPs spent."""
+        c = model.config
+        B, T = x.shape
+        dev = x.device
+        r0 = self.r0
+        G = T - r0  # response positions
+        refresh_p = [a and s % self.kp == 0 for a, s in zip(active, self.steps)]
+        refresh_r = [a and s % self.kr == 0 for a, s in zip(active, self.steps)]
+        adaptive = [a and not r for a, r in zip(active, refresh_r)]
+        n_pick = int(self.ratio * G) if any(adaptive) else 0
+        t0 = 0 if any(refresh_p) else r0  # the positions whose residual stream this step carries: [t0, T)
+        N, P0 = T - t0, r0 - t0  # carried positions; where the response starts among them
+        full = any(refresh_p) or any(refresh_r)  # compute every carried position (each row writes its own part)
+
+        # write[b, j]: may row b store what it computes for carried position j
+        write = torch.zeros((B, N), dtype=torch.bool, device=dev)
+        write[:, :P0] = torch.tensor(refresh_p, device=dev)[:, None]
+        write[:, P0:] = torch.tensor(refresh_r, device=dev)[:, None]
+        adaptive_t = torch.tensor(adaptive, device=dev)
+
+        h = model.embed(x[:, t0:])  # (B, N, d) residual stream of the carried positions
+        cos, sin = rope_tables(positions[:, t0:], c.head_dim, c.rope_theta)  # (B, 1, N, hd)
+        flops = 0
+        for li, layer in enumerate(model.layers):
+            att = layer.attn
+            n = layer.attn_norm(h)
+            w = write
+            if n_pick:
+                # fresh values of the whole response, compared with the cached ones
+                v_new = att.heads(att.v(n[:, P0:]))  # (B, Hkv, G, hd)
+                v_old = self.v[li, :, :, r0:]
+                sim = F.cosine_similarity(v_new.transpose(1, 2).flatten(2), v_old.transpose(1, 2).flatten(2), dim=-1)
+                picked = sim.topk(n_pick, dim=-1, largest=False).indices  # (B, n_pick) least similar
+                self.v[li, :, :, r0:] = torch.where(adaptive_t[:, None, None, None], v_new, v_old)
+                pick_mask = torch.zeros((B, G), dtype=torch.bool, device=dev).scatter(1, picked, True)
+                w = write.clone()
+                w[:, P0:] |= pick_mask & adaptive_t[:, None]
+                flops += B * 2 * G * c.d_model * c.n_kv_heads * c.head_dim
+            if full:
+                idx = None  # every carried position, as a slice
+                nq, hq, cq, sq, wq = n, h, cos, sin, w
+            elif n_pick:
+                idx = picked + P0  # (B, n_pick) indices among the carried positions
+                nq, hq = _rows(n, idx), _rows(h, idx)
+                cq, sq = _rows(cos[:, 0], idx)[:, None], _rows(sin[:, 0], idx)[:, None]
+                wq = adaptive_t[:, None].expand_as(idx)
+            else:  # nothing to recompute in this layer: reuse the cached outputs
+                h = h + self.attn[li, :, t0:] + self.mlp[li, :, t0:]
+                continue
+            nq_len = nq.shape[1]
+            q, k, v = att.qkv(nq, cq, sq)
+            _store(self.k[li], 2, t0, idx, k, wq)
+            _store(self.v[li], 2, t0, idx, v, wq)
+            a = att.attend(q, self.k[li], self.v[li], key_mask)  # (B, nq, d)
+            _store(self.attn[li], 1, t0, idx, a, wq)
+            m = layer.mlp(layer.mlp_norm(hq + a))
+            _store(self.mlp[li], 1, t0, idx, m, wq)
+            h = h + self.attn[li, :, t0:] + self.mlp[li, :, t0:]
+            flops += B * model.forward_flops(nq_len, T) // c.n_layers
+        self.steps = [s + a for s, a in zip(self.steps, active)]
+        s = c.logit_shift
+        a, b = lo - s - t0, hi - s - t0
+        if a < 0:
+            raise ValueError("dllm cache: the response region does not cover the requested logits")
+        n_out = hi - lo if select is None else select.shape[1]
+        flops += B * 2 * n_out * c.d_model * c.vocab_size
+        return model.output(h[:, a:b], select), flops
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (B, N, D) gathered at per-row indices idx (B, K) -> (B, K, D)"""
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _store(buf: torch.Tensor, dim: int, t0: int, idx: torch.Tensor | None, new: torch.Tensor, w: torch.Tensor):
+    """Write `new` into buf along `dim` (the position axis: 2 for (B, H, T, hd), 1 for (B, T, d)) where w (B, K) is
+    true. idx (B, K) gives the positions relative to t0, or None for the contiguous slice [t0, T)."""
+    wm = w[:, None, :, None] if dim == 2 else w[:, :, None]
+    if idx is None:
+        view = buf.narrow(dim, t0, new.shape[dim])
+        view.copy_(torch.where(wm, new, view))
+        return
+    pos = idx + t0
+    pos = pos[:, None, :, None].expand_as(new) if dim == 2 else pos[..., None].expand_as(new)
+    buf.scatter_(dim, pos, torch.where(wm, new, buf.gather(dim, pos)))

@@ -1,0 +1,162 @@
+"""The job manifest: pydantic models with field descriptions; unknown keys and bad values are errors that name
+the field. `load_manifest(path, overrides)` reads YAML, applies `--set key.path=value` and validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+import fastdllm
+
+
+class InvalidJob(ValueError):
+    """The manifest, the input or the output cannot make a job: exit 2 with this one-line message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+class ModelSpec(_Strict):
+    source: str = Field(description="Built-in name (tiny), a local checkpoint directory, or a Hugging Face repo id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a repo id.")
+    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")
+    device: str | None = Field(None, description="cpu, cuda, ...; default: cuda when the worker has a GPU.")
+    chat_template: bool = Field(False, description="Wrap each prompt as a user turn with the model's chat template.")
+    trust_remote_code: bool = Field(False, description="Let the tokenizer run code from the checkpoint (opt-in).")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v not in DTYPES:
+            raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
+        return v
+
+
+class InputSpec(_Strict):
+    uri: str = Field(description="A Parquet file, a glob, or a directory of Parquet files; any fsspec URI "
+                                 "(file, s3://, gs://, memory://, hf://datasets/owner/name/...).")
+    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    id_column: str | None = Field(None, description="Column of unique row ids; without it, ids are derived as "
+                                                    "'<file relative to the input root>:<row>'.")
+    rows_per_shard: int = Field(1000, gt=0, description="Rows per shard (a shard never spans two files).")
+
+
+class OutputSpec(_Strict):
+    uri: str = Field(description="Directory (fsspec URI) for job.json, shards/, stats/, summary.json.")
+
+
+class WorkersSpec(_Strict):
+    count: int = Field(1, gt=0, description="Number of actors, each holding one model.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (Ray resource).")
+    num_cpus: float = Field(1, ge=0, description="CPUs per actor (Ray resource; also its torch threads).")
+    batch_size: int = Field(16, gt=0, description="Prompts decoded together (after sorting a shard by length).")
+    max_retries: int = Field(2, ge=0, description="Extra attempts for a shard whose worker died, raised or timed out.")
+    shard_timeout_s: float | None = Field(None, gt=0, description=(
+        "Give up on a shard attempt after this many seconds from dispatch (for a new actor that includes its model "
+        "load); the actor is replaced and the shard retried. None: no limit."))
+
+
+class FaultSpec(_Strict):
+    """Fault injection for testing the driver (never in production manifests): {shard index: attempts}."""
+
+    crash: dict[int, int] = Field(default_factory=dict, description="Worker process exits mid-shard on the "
+                                                                    "shard's first N attempts.")
+    error: dict[int, int] = Field(default_factory=dict, description="Worker raises mid-shard on the shard's "
+                                                                    "first N attempts.")
+    hang: dict[int, int] = Field(default_factory=dict, description="Worker sleeps (forever) mid-shard on the "
+                                                                   "shard's first N attempts.")
+
+
+class Manifest(_Strict):
+    name: str = Field("job", description="A label for logs and job.json.")
+    model: ModelSpec
+    input: InputSpec
+    output: OutputSpec
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "fsspec options for input and output, e.g. {endpoint_url: http://127.0.0.1:9000}. Credentials as "
+        "environment references: {key: '${AWS_ACCESS_KEY_ID}'} (or none: s3fs reads AWS_* itself)."))
+    decode: dict[str, Any] = Field(default_factory=dict, description="fastdllm.DecodeConfig fields.")
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    faults: FaultSpec = Field(default_factory=FaultSpec, description="Testing only: injected worker failures.")
+
+    @field_validator("decode")
+    @classmethod
+    def _decode(cls, v):
+        return fastdllm.DecodeConfig.from_dict(v).to_dict()  # resolved: every field, defaults filled in
+
+    def decode_config(self) -> fastdllm.DecodeConfig:
+        return fastdllm.DecodeConfig.from_dict(self.decode)
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: Any = Manifest
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(loc[:-1])
+            parts.append(f"unknown key '{where}'" + (f" (known: {', '.join(known)})" if known else ""))
+        elif e["type"] == "missing":
+            parts.append(f"'{where}' is required")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Set `key.path=value` items (value parsed as YAML: numbers, booleans, lists) into a copy of `raw`."""
+    raw = dict(raw)
+    for item in overrides or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidJob(f"--set {item!r} is not key.path=value")
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+    return raw
+
+
+def parse_manifest(raw, overrides=(), source: str = "manifest") -> Manifest:
+    if not isinstance(raw, dict):
+        raise InvalidJob(f"{source}: expected a mapping of manifest fields, got {type(raw).__name__}")
+    try:
+        return Manifest.model_validate(apply_overrides(raw, overrides))
+    except ValidationError as e:
+        raise InvalidJob(_one_line(e, source)) from None
+
+
+def load_manifest(path, overrides=()) -> Manifest:
+    """Read, override and validate a YAML manifest; any problem raises InvalidJob with a one-line message."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise InvalidJob(f"cannot read manifest {p}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark else ""
+        raise InvalidJob(f"manifest {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    return parse_manifest(raw, overrides, source=str(p))

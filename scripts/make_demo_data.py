@@ -1,0 +1,50 @@
+"""Write the demo prompts: Parquet files of the tiny model's tasks ("{a}+{b}=" and "sort:{digits}="), with an
+`id` column. Deterministic (fixed seed), so every clone makes the same files.
+
+    python scripts/make_demo_data.py [OUT_DIR] [--rows N] [--files K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def demo_prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            out.append(f"{rng.randint(0, 9999)}+{rng.randint(0, 9999)}=")
+        else:
+            out.append("sort:" + "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 9))) + "=")
+    return out
+
+
+def write_demo_data(out_dir, rows: int = 96, files: int = 2, seed: int = 0) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = demo_prompts(rows, seed)
+    per = -(-rows // files)
+    paths = []
+    for k in range(files):
+        chunk = prompts[k * per : (k + 1) * per]
+        ids = list(range(k * per, k * per + len(chunk)))
+        path = out / f"part-{k:03d}.parquet"
+        pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "prompt": chunk}), path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir", nargs="?", default="data/demo")
+    ap.add_argument("--rows", type=int, default=96)
+    ap.add_argument("--files", type=int, default=2)
+    args = ap.parse_args()
+    for p in write_demo_data(args.out_dir, args.rows, args.files):
+        print(p)

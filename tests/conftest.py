@@ -1,0 +1,42 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdllm
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = FIXTURES / "reference"
+
+
+@pytest.fixture(scope="session")
+def llada_tiny():
+    return fastdllm.load_model(REFERENCE / "llada" / "llada-tiny")
+
+
+@pytest.fixture(scope="session")
+def dream_tiny():
+    return fastdllm.load_model(REFERENCE / "dream" / "dream-tiny")
+
+
+def load_cases(family: str) -> list[dict]:
+    return json.loads((REFERENCE / family / "cases.json").read_text())
+
+
+def random_prompts(model, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    mask = model.config.mask_token_id
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g)
+        ids[ids == mask] = (mask + 1) % vocab
+        out.append(ids.tolist())
+    return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # The tiny test models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot.
+    torch.set_num_threads(1)

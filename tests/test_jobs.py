@@ -1,0 +1,259 @@
+"""Whole jobs on a real local Ray cluster, with local Parquet files and on a real S3-compatible server (moto's
+server mode on 127.0.0.1, through s3fs): resume, a killed driver, config changes, dying and failing workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from jobs import InvalidJob, parse_manifest, run_job
+from jobs.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DECODE = {"gen_length": 8, "block_length": 4, "steps": 8}
+S3_ENV = {"AWS_ACCESS_KEY_ID": "fdl-test-key", "AWS_SECRET_ACCESS_KEY": "fdl-test-secret-value",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module; workers inherit the S3 test credentials from this process's environment."""
+    import ray
+
+    os.environ.update(S3_ENV)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def write_inputs(directory: Path, n_files=2, rows=6, with_ids=True) -> list[int]:
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for k in range(n_files):
+        file_ids = list(range(k * 1000, k * 1000 + rows))
+        cols = {"prompt": [f"{i % 97}+{(i * 7) % 89}=" if i % 2 else f"sort:{i % 1000}=" for i in file_ids]}
+        if with_ids:
+            cols["id"] = pa.array(file_ids, pa.int64())
+        pq.write_table(pa.table(cols), directory / f"part-{k}.parquet")
+        ids += file_ids
+    return ids
+
+
+def spec(tmp_path, **over) -> dict:
+    m = {"name": "t", "model": {"source": "tiny"},
+         "input": {"uri": str(tmp_path / "in" / "*.parquet"), "id_column": "id", "rows_per_shard": 3},
+         "output": {"uri": str(tmp_path / "out")}, "decode": dict(DECODE),
+         "workers": {"count": 1, "batch_size": 4, "max_retries": 1}}
+    for k, v in over.items():
+        m[k] = {**m[k], **v} if isinstance(v, dict) and isinstance(m.get(k), dict) else v
+    return m
+
+
+def output_rows(out: Path) -> list[dict]:
+    return [r for p in sorted((out / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def mtimes(out: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in (out / "stats").glob("*.json")}
+
+
+def test_local_job_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
+    ids = write_inputs(tmp_path / "in")
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(spec(tmp_path)))
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--set", "workers.count=2"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    rows = output_rows(out)
+    assert sorted(r["id"] for r in rows) == ids
+    assert all(r["finish_reason"] in ("stop", "length") and r["error"] is None for r in rows)
+    assert sorted(p.name for p in (out / "stats").iterdir()) == [f"{i:05d}.json" for i in range(4)]
+    job = json.loads((out / "job.json").read_text())
+    assert job["manifest"]["workers"]["count"] == 2 and len(job["plan"]["shards"]) == 4
+    assert job["plan"]["fingerprint"] and job["versions"]["fastdllm"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["committed"] == 4 and summary["failed"] == [] and summary["totals"]["rows"] == len(ids)
+    assert summary["totals"]["generated_tokens"] == sum(r["n_tokens"] for r in rows)
+
+    before = mtimes(out)
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
+    assert r.exit_code == 0 and "this run 0 shards" in r.output, r.output
+    assert mtimes(out) == before
+
+    r = CliRunner().invoke(main, ["status", str(out), "--shards"])
+    assert r.exit_code == 0 and "4/4 shards committed, 0 pending, 0 failed" in r.output, r.output
+    assert f"rows {len(ids)}/{len(ids)}" in r.output
+
+
+def test_resume_recomputes_only_uncommitted_shards(tmp_path, ray_cluster):
+    ids = write_inputs(tmp_path / "in")
+    m = parse_manifest(spec(tmp_path))
+    assert run_job(m, address=ray_cluster).ok
+    out = tmp_path / "out"
+    before = mtimes(out)
+    (out / "stats" / "00002.json").unlink()
+    (out / "shards" / "00002.parquet").write_bytes(b"half-written")
+    r = CliRunner().invoke(main, ["status", str(out)])
+    assert "3/4 shards committed, 1 pending" in r.output, r.output
+    result = run_job(m, address=ray_cluster)
+    assert result.ok and result.summary["run"]["shards_run"] == 1
+    after = mtimes(out)
+    assert {k for k in after if after[k] != before.get(k)} == {"00002.json"}
+    assert sorted(r["id"] for r in output_rows(out)) == ids
+
+
+def test_changed_config_or_input_refused_unless_forced(tmp_path, ray_cluster):
+    write_inputs(tmp_path / "in", n_files=1, rows=3)
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(spec(tmp_path)))
+    assert CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster]).exit_code == 0
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--set", "decode.threshold=0.5"])
+    assert r.exit_code == 2 and "decode config changed (threshold: 0.9 -> 0.5)" in r.output, r.output
+    assert "--force" in r.output
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--set", "workers.batch_size=2"])
+    assert r.exit_code == 0, r.output  # batch size does not change outputs
+    write_inputs(tmp_path / "in", n_files=1, rows=4)
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
+    assert r.exit_code == 2 and "the input" in r.output, r.output
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--force", "--set", "decode.threshold=0.5"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    assert sorted(r["id"] for r in output_rows(out)) == [0, 1, 2, 3]
+    assert all(json.loads(p.read_text())["config"]["threshold"] == 0.5 for p in (out / "stats").glob("*.json"))
+
+
+def test_more_gpus_than_the_cluster_has_warns_on_a_joined_cluster(tmp_path, ray_cluster, caplog):
+    from jobs.runner import _check_resources
+    from jobs.manifest import WorkersSpec
+
+    with pytest.raises(InvalidJob, match="workers.num_gpus is 1 but the Ray cluster has 0 GPUs"):
+        _check_resources(WorkersSpec(num_gpus=1), strict=True)
+    _check_resources(WorkersSpec(num_gpus=1), strict=False)
+    assert "actors will wait" in caplog.text
+
+
+def test_worker_dying_mid_shard_is_retried_on_a_new_actor(tmp_path, ray_cluster):
+    ids = write_inputs(tmp_path / "in", n_files=1, rows=9)
+    m = parse_manifest(spec(tmp_path, faults={"crash": {1: 1}}))
+    result = run_job(m, address=ray_cluster)
+    assert result.ok, result.failed
+    out = tmp_path / "out"
+    assert sorted(r["id"] for r in output_rows(out)) == ids
+    stats = {p.name: json.loads(p.read_text()) for p in (out / "stats").glob("*.json")}
+    assert stats["00001.json"]["attempt"] == 1 and stats["00000.json"]["attempt"] == 0
+    assert stats["00001.json"]["worker"] != stats["00000.json"]["worker"]  # a new process took the retry
+
+
+def test_stuck_shard_times_out_and_is_retried(tmp_path, ray_cluster):
+    ids = write_inputs(tmp_path / "in", n_files=1, rows=6)
+    m = parse_manifest(spec(tmp_path, faults={"hang": {0: 1}}, workers={"shard_timeout_s": 15}))
+    result = run_job(m, address=ray_cluster)
+    assert result.ok, result.failed
+    assert sorted(r["id"] for r in output_rows(tmp_path / "out")) == ids
+    assert json.loads((tmp_path / "out" / "stats" / "00000.json").read_text())["attempt"] == 1
+
+
+def test_shard_that_keeps_failing_is_reported_exit_1(tmp_path, ray_cluster):
+    ids = write_inputs(tmp_path / "in", n_files=1, rows=9)
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(spec(tmp_path, faults={"error": {2: 99}})))
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
+    assert r.exit_code == 1, r.output
+    assert "shard 00002 failed: RuntimeError: injected fault in shard 00002 (attempt 1)" in r.output
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["committed"] == 2 and [f["shard"] for f in summary["failed"]] == [2]
+    assert sorted(r["id"] for r in output_rows(out)) == ids[:6]
+    r = CliRunner().invoke(main, ["status", str(out)])
+    assert "1 failed" in r.output and "shard 00002 failed" in r.output, r.output
+
+
+def test_workers_that_keep_dying_fail_the_remaining_shards(tmp_path, ray_cluster):
+    write_inputs(tmp_path / "in", n_files=1, rows=9)
+    m = parse_manifest(spec(tmp_path, faults={"crash": {0: 9, 1: 9, 2: 9}}, workers={"max_retries": 0}))
+    result = run_job(m, address=ray_cluster)
+    assert sorted(result.failed) == [0, 1, 2]
+    assert all("worker process died" in why and "gave up" in why for why in result.failed.values()), result.failed
+
+
+def test_killed_driver_then_rerun_gives_every_row_once(tmp_path, ray_cluster):
+    ids = write_inputs(tmp_path / "in", n_files=2, rows=12)
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(spec(tmp_path, decode={"gen_length": 16, "block_length": 4, "steps": 16})))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(m), "--address", ray_cluster],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    stats = tmp_path / "out" / "stats"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (stats.exists() and any(stats.iterdir())):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = len(list(stats.iterdir()))
+    assert 1 <= committed < 8, "the driver should have been killed mid-job"
+    result = run_job(parse_manifest(yaml.safe_load(m.read_text())), address=ray_cluster)
+    assert result.ok and result.summary["run"]["shards_run"] <= 8 - committed
+    rows = output_rows(tmp_path / "out")
+    assert sorted(r["id"] for r in rows) == ids  # every row exactly once
+
+
+@pytest.fixture(scope="module")
+def s3(ray_cluster):
+    """A real S3-compatible server on 127.0.0.1 (moto server mode) and an s3fs filesystem for it."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    fs = s3fs.S3FileSystem(key=S3_ENV["AWS_ACCESS_KEY_ID"], secret=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+                           endpoint_url=endpoint)
+    fs.mkdir("fdl-bucket")
+    yield endpoint, fs
+    server.stop()
+
+
+def test_s3_job_end_to_end(tmp_path, ray_cluster, s3):
+    endpoint, fs = s3
+    ids = write_inputs(tmp_path / "in")
+    for p in sorted((tmp_path / "in").iterdir()):
+        fs.put(str(p), f"fdl-bucket/prompts/{p.name}")
+    opts = {"endpoint_url": endpoint, "key": "${AWS_ACCESS_KEY_ID}", "secret": "${AWS_SECRET_ACCESS_KEY}"}
+    m = parse_manifest(spec(tmp_path, input={"uri": "s3://fdl-bucket/prompts/"}, output={"uri": "s3://fdl-bucket/runs/a"},
+                            storage_options=opts))
+    result = run_job(m, address=ray_cluster)
+    assert result.ok, result.failed
+    fs.invalidate_cache()
+    assert sorted(fs.ls("fdl-bucket/runs/a/stats")) == [f"fdl-bucket/runs/a/stats/{i:05d}.json" for i in range(4)]
+    rows = []
+    for path in sorted(fs.glob("fdl-bucket/runs/a/shards/*.parquet")):
+        with fs.open(path, "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    assert sorted(r["id"] for r in rows) == ids
+    job = fs.cat("fdl-bucket/runs/a/job.json").decode()
+    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in job and "${AWS_SECRET_ACCESS_KEY}" in job
+
+    fs.rm("fdl-bucket/runs/a/stats/00001.json")
+    result = run_job(m, address=ray_cluster)
+    assert result.ok and result.summary["run"]["shards_run"] == 1 and result.summary["committed"] == 4
+    r = CliRunner().invoke(main, ["status", "s3://fdl-bucket/runs/a", "-o", f"endpoint_url={endpoint}"])
+    assert r.exit_code == 0 and "4/4 shards committed" in r.output, r.output
+
+    with pytest.raises(InvalidJob, match="does not exist"):
+        run_job(parse_manifest(spec(tmp_path, input={"uri": "s3://fdl-bucket/nothing/here.parquet"},
+                                    output={"uri": "s3://fdl-bucket/runs/b"}, storage_options=opts)))

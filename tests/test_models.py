@@ -1,0 +1,104 @@
+"""Checkpoint loading: single vs sharded, save/load round trips, tied weights, clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import fastdllm
+from fastdllm.models import from_config, llada, save_checkpoint
+
+from .conftest import REFERENCE, random_prompts
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_sharded_checkpoint_loads_like_single_file(tmp_path, family):
+    src = REFERENCE / family / f"{family}-tiny"
+    single = fastdllm.load_model(src)
+    save_checkpoint(single, tmp_path / "sharded", max_shard_bytes=100_000)
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    sharded = fastdllm.load_model(tmp_path / "sharded")
+    _same_weights(single, sharded)
+    x = torch.tensor(random_prompts(single, [20], seed=0))
+    torch.testing.assert_close(single(x), sharded(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_saved_checkpoint_keeps_the_release_tensor_names(tmp_path, family):
+    from safetensors import safe_open
+
+    src = REFERENCE / family / f"{family}-tiny"
+    save_checkpoint(fastdllm.load_model(src), tmp_path)
+    with safe_open(str(src / "model.safetensors"), "pt") as a, safe_open(str(tmp_path / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == json.loads(
+        (src / "config.json").read_text())["model_type"]
+
+
+def test_weight_tying_round_trip(tmp_path):
+    cfg = llada.tiny_config(50, 2, 0, 1, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden=64,
+                            tie_embeddings=True)
+    model = from_config(cfg, seed=3)
+    assert model.lm_head.weight is model.embed.weight
+    save_checkpoint(model, tmp_path)
+    loaded = fastdllm.load_model(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.embed.weight.data_ptr()
+    x = torch.tensor([[5, 6, 7, 2, 2]])
+    torch.testing.assert_close(model(x), loaded(x), rtol=0, atol=0)
+    assert loaded.config.n_kv_heads == 1  # grouped-query attention survives the round trip
+
+
+def test_dtype_and_builtin_model():
+    model = fastdllm.load_model("tiny", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and not any(p.requires_grad for p in model.parameters())
+    assert fastdllm.load_model("tiny").dtype == torch.float32  # CPU default
+    tok = fastdllm.load_tokenizer("tiny")
+    ids = tok.encode("12+34=")
+    assert tok.decode(ids) == "12+34=" and tok.encode("sort:1=", chat_template=True) == tok.encode("sort:1=")
+    assert model.config.stop_token_ids == (tok.hf.eos_token_id,)
+
+
+def test_errors_say_what_to_change(tmp_path):
+    with pytest.raises(ValueError, match="is not a built-in name"):
+        fastdllm.load_model("no-such-model")
+    with pytest.raises(ValueError, match="has no config.json"):
+        fastdllm.load_model(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(REFERENCE / "llada" / "llada-tiny", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'; supported: llada, Dream"):
+        fastdllm.load_model(bad)
+    (bad / "config.json").write_text(json.dumps({**cfg, "n_layers": 3}))
+    with pytest.raises(ValueError, match="lacks tensors for: layers.2"):
+        fastdllm.load_model(bad)
+    with pytest.raises(ValueError, match="dtype 'fp8'"):
+        fastdllm.load_model("tiny", dtype="fp8")
+
+
+def test_hub_repo_id_resolves_through_the_local_cache(tmp_path, monkeypatch):
+    """A repo id is read from the Hugging Face cache layout (no network): models--owner--name/snapshots/REV/."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--acme--llada-tiny"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(REFERENCE / "llada" / "llada-tiny", repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    model = fastdllm.load_model("acme/llada-tiny")
+    _same_weights(model, fastdllm.load_model(REFERENCE / "llada" / "llada-tiny"))
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        fastdllm.load_model("acme/other")
