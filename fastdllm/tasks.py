@@ -59,3 +59,16 @@ def problems(task: str, n: int, seed: int, uniform_digits: bool = False) -> list
     (mostly 4 digits); uniform_digits draws each operand's digit count uniformly from 1-4 instead."""
     rng = random.Random(f"{task}:{seed}" + (":digits" if uniform_digits else ""))
     return [random_problem(task, rng, uniform_digits) for _ in range(n)]
+
+
+def answer_for(prompt: str) -> str | None:
+    """The correct answer to a prompt in one of the task formats above (None for any other text)."""
+    body = prompt[:-1] if prompt.endswith("=") else None
+    if body is None:
+        return None
+    if body.startswith("sort:") and body[5:].isdigit() and body[5:].isascii():
+        return "".join(sorted(body[5:]))
+    a, plus, b = body.partition("+")
+    if plus and a.isdigit() and b.isdigit() and a.isascii() and b.isascii():
+        return str(int(a) + int(b))
+    return None

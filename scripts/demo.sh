@@ -17,7 +17,11 @@ echo "outputs in $root/runs/demo: job.json, shards/NNNNN.parquet, stats/NNNNN.js
 "$venv/bin/fastdllm" status runs/demo --shards
 "$venv/bin/python" - <<'PY'
 import pyarrow.parquet as pq
-rows = pq.read_table("runs/demo/shards/00000.parquet").to_pylist()[:4]
-for r in rows:
-    print(f"  {r['id']}: {r['prompt']!r} -> {r['completion']!r} ({r['finish_reason']}, nfe {r['nfe']})")
+from fastdllm.tasks import answer_for
+rows = pq.read_table("runs/demo/shards/00000.parquet").to_pylist()
+for r in rows[:6]:
+    mark = "ok" if r["completion"] == answer_for(r["prompt"]) else f"expected {answer_for(r['prompt'])!r}"
+    print(f"  {r['id']}: {r['prompt']!r} -> {r['completion']!r} ({r['finish_reason']}, nfe {r['nfe']}) {mark}")
+right = sum(r["completion"] == answer_for(r["prompt"]) for r in rows)
+print(f"  shard 00000: {right}/{len(rows)} completions are the right answer")
 PY

@@ -7,22 +7,21 @@
 from __future__ import annotations
 
 import argparse
-import random
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fastdllm.tasks import problems  # noqa: E402
+
 
 def demo_prompts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        if i % 2 == 0:
-            out.append(f"{rng.randint(0, 9999)}+{rng.randint(0, 9999)}=")
-        else:
-            out.append("sort:" + "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 9))) + "=")
-    return out
+    """Alternating addition and sorting prompts, drawn as the tiny model's evaluation draws them."""
+    adds, sorts = problems("addition", (n + 1) // 2, seed), problems("sorting", n // 2, seed)
+    return [p.prompt for pair in zip(adds, sorts + [None]) for p in pair if p is not None][:n]
 
 
 def write_demo_data(out_dir, rows: int = 96, files: int = 2, seed: int = 0) -> list[Path]:

@@ -74,3 +74,11 @@ def test_shipped_model_solves_problems(tiny, task, cache, rule):
     assert all(r == "stop" for r in out.finish_reasons)
     if rule == "threshold":  # parallel commits: well under the one-token-per-step baseline
         assert sum(out.nfe) / N_PER_TASK <= 0.5 * sum(-(-(len(p.answer) + 1) // 8) * 8 for p in probs) / N_PER_TASK
+
+
+def test_answer_for_reads_the_task_formats():
+    from fastdllm.tasks import answer_for
+
+    assert answer_for("5071+923=") == "5994"
+    assert answer_for("sort:93812=") == "12389"
+    assert answer_for("hello") is None and answer_for("1+x=") is None and answer_for("sort:12") is None
