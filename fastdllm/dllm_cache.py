@@ -98,16 +98,18 @@ class FeatureCache:
             else:  # nothing to recompute in this layer: reuse the cached outputs
                 h = h + self.attn[li, :, t0:] + self.mlp[li, :, t0:]
                 continue
-            nq_len = nq.shape[1]
-            q, k, v = att.qkv(nq, cq, sq)
+            if full:
+                q, k, v = att.qkv(nq, cq, sq)
+                _store(self.v[li], 2, t0, idx, v, wq)
+            else:  # the values of every response position are fresh already
+                q, k = att.qk(nq, cq, sq)
             _store(self.k[li], 2, t0, idx, k, wq)
-            _store(self.v[li], 2, t0, idx, v, wq)
             a = att.attend(q, self.k[li], self.v[li], key_mask)  # (B, nq, d)
             _store(self.attn[li], 1, t0, idx, a, wq)
             m = layer.mlp(layer.mlp_norm(hq + a))
             _store(self.mlp[li], 1, t0, idx, m, wq)
             h = h + self.attn[li, :, t0:] + self.mlp[li, :, t0:]
-            flops += B * model.forward_flops(nq_len, T) // c.n_layers
+            flops += B * model.forward_flops(nq.shape[1], T, values=full) // c.n_layers
         self.steps = [s + a for s, a in zip(self.steps, active)]
         s = c.logit_shift
         a, b = lo - s - t0, hi - s - t0

@@ -116,10 +116,13 @@ class Attention(nn.Module):
         B, L, _ = t.shape
         return t.view(B, L, -1, self.head_dim).transpose(1, 2)
 
+    def qk(self, x, cos, sin):
+        """Rotated queries (B, H, L, hd) and keys (B, Hkv, L, hd)."""
+        return apply_rope(self.heads(self.q(x)), cos, sin), apply_rope(self.heads(self.k(x)), cos, sin)
+
     def qkv(self, x, cos, sin):
         """Rotated queries (B, H, L, hd), rotated keys and values (B, Hkv, L, hd)."""
-        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return *self.qk(x, cos, sin), self.heads(self.v(x))
 
     def attend(self, q, k, v, key_mask):
         """Attention of queries (B, H, L, hd) over keys/values (B, Hkv, T, hd), through the output projection."""
@@ -255,11 +258,12 @@ class DiffusionLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward_flops(self, n_queries: int, n_keys: int) -> int:
-        """Matmul FLOPs of one forward of n_queries tokens attending over n_keys (output projection excluded)."""
+    def forward_flops(self, n_queries: int, n_keys: int, values: bool = True) -> int:
+        """Matmul FLOPs of one forward of n_queries tokens attending over n_keys (output projection excluded;
+        values=False: their value projections were computed elsewhere)."""
         c = self.config
         hd = c.head_dim
-        proj = 2 * n_queries * c.d_model * hd * (2 * c.n_heads + 2 * c.n_kv_heads)
+        proj = 2 * n_queries * c.d_model * hd * (2 * c.n_heads + (2 if values else 1) * c.n_kv_heads)
         attn = 2 * 2 * n_queries * n_keys * c.n_heads * hd
         mlp = 2 * 3 * n_queries * c.d_model * c.mlp_hidden
         return c.n_layers * (proj + attn + mlp)
