@@ -153,7 +153,7 @@ def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], 
     The mask token itself is never proposed (committing it would leave the position masked forever); its
     probability still counts in the softmax that gives the confidence."""
     B, L, V = logits.shape
-    lg = logits.double()  # (B, L, V) plain logits for the confidence
+    log_z = torch.logsumexp(logits.double(), dim=-1) if cfg.remasking == "low_confidence" else None  # (B, L)
     logits[..., mask_id] = -float("inf")  # in place: the caller's logits are not used again
     if cfg.temperature > 0 or cfg.remasking == "random":
         # Each row draws from its own generator, for the whole block, and only while it takes part, so its
@@ -173,7 +173,7 @@ def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], 
     if cfg.remasking == "random":
         conf = u[..., -1]
     else:
-        conf = torch.exp(lg.gather(-1, x0[..., None]).squeeze(-1) - torch.logsumexp(lg, dim=-1))  # softmax(x0)
+        conf = torch.exp(logits.gather(-1, x0[..., None]).squeeze(-1).double() - log_z)  # softmax(x0), float64
     return x0, conf
 
 
