@@ -111,13 +111,9 @@ class FeatureCache:
             h = h + self.attn[li, :, t0:] + self.mlp[li, :, t0:]
             flops += B * model.forward_flops(nq.shape[1], T, values=full) // c.n_layers
         self.steps = [s + a for s, a in zip(self.steps, active)]
-        s = c.logit_shift
-        a, b = lo - s - t0, hi - s - t0
-        if a < 0:
-            raise ValueError("dllm cache: the response region does not cover the requested logits")
         n_out = hi - lo if select is None else select.shape[1]
         flops += B * 2 * n_out * c.d_model * c.vocab_size
-        return model.output(h[:, a:b], select), flops
+        return model.output(h, t0, lo, hi, select), flops
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

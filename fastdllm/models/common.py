@@ -219,8 +219,18 @@ class DiffusionLM(nn.Module):
             x = layer(x, cos, sin, key_mask, None if cache is None else cache.layer(i), start)
         return x
 
-    def output(self, h: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for final hidden states h (B, L, d), or only for the rows that `select` (B, M) indexes."""
+    def output(self, h: torch.Tensor, h_start: int, lo: int, hi: int,
+               select: torch.Tensor | None = None) -> torch.Tensor:
+        """Aligned logits for positions [lo, hi) from final hidden states h (B, L, d) of positions
+        [h_start, h_start + L), applying the family's logit shift (position 0 keeps its own output); with
+        `select` (B, M), indices into [lo, hi), only those rows go through the norm and output projection."""
+        a, b = lo - self.config.logit_shift - h_start, hi - self.config.logit_shift - h_start
+        if a < 0:
+            if lo != 0 or h_start != 0:
+                raise ValueError(f"hidden states from position {h_start} do not cover logits for [{lo}, {hi})")
+            h = torch.cat((h[:, :1], h[:, :b]), dim=1)
+        else:
+            h = h[:, a:b]
         if select is not None:
             h = h.gather(1, select[..., None].expand(-1, -1, h.shape[-1]))  # (B, M, d)
         return self.lm_head(self.norm(h))
@@ -235,15 +245,7 @@ class DiffusionLM(nn.Module):
         indices into [lo, hi), only those M per row (logits (B, M, V)).
         """
         h = self.hidden(x[:, q_start:q_end], positions[:, q_start:q_end], key_mask, cache, q_start)
-        s = self.config.logit_shift
-        a, b = lo - s - q_start, hi - s - q_start
-        if a < 0:
-            if lo != 0 or q_start != 0:
-                raise ValueError(f"query range [{q_start}, {q_end}) does not cover logits for [{lo}, {hi})")
-            h = torch.cat((h[:, :1], h[:, : b]), dim=1)
-        else:
-            h = h[:, a:b]
-        return self.output(h, select)
+        return self.output(h, q_start, lo, hi, select)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V); logits[:, i] is what decoding uses for position i. Rows may be left-padded."""
