@@ -1,7 +1,7 @@
 """`fastdllm` console script: parse arguments and hand off; no logic lives here.
 
-Exit codes: 0 every shard committed; 1 some shards failed (named, with why); 2 invalid manifest, input or output
-(one line on stderr, detected before any work).
+Exit codes: 0 every planned shard committed and verified; 1 some shards missing (each named, with why); 2 invalid
+manifest, input or output, or an output another run holds (one line on stderr, detected before any work).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def main():
               help="Override a manifest field, e.g. --set decode.threshold=0.8 (repeatable).")
 @click.option("--address", default=None, help="Join a Ray cluster (auto, ray://host:10001, host:port); "
                                                 "default: start a local one (or RAY_ADDRESS).")
-@click.option("--force", is_flag=True, help="Discard an existing output made with another input or config.")
+@click.option("--force", is_flag=True, help="Discard an existing output made with another input or config "
+                                            "(never while another run holds the output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs (one line per committed shard).")
 def run(manifest, overrides, address, force, progress, verbose):
@@ -56,14 +57,18 @@ def run(manifest, overrides, address, force, progress, verbose):
     except InvalidJob as e:
         _fail(e)
     s = result.summary
-    t = s["totals"]
-    click.echo(f"{s['committed']}/{s['shards']} shards committed in {result.output_uri}: {t['rows']} rows "
-               f"({t['error_rows']} bad), {t['generated_tokens']} tokens; this run {s['run']['shards_run']} shards "
-               f"at {s['run']['tokens_per_second']:.1f} tokens/s")
-    if result.failed:
-        for k, why in sorted(result.failed.items()):
-            click.echo(f"shard {k:05d} failed: {why}", err=True)
-        click.echo(f"{len(result.failed)} shard(s) failed; rerun the same command to retry them", err=True)
+    t = s.totals
+    click.echo(f"{s.committed}/{s.shards} shards committed in {result.output_uri}: {t.rows} rows "
+               f"({t.error_rows} bad), {t.generated_tokens} tokens; this run {s.run.shards_run} shards "
+               f"at {s.run.tokens_per_second:.1f} tokens/s")
+    if not result.ok:
+        for missing in s.missing:
+            click.echo(missing.line(), err=True)
+        if result.problem:
+            click.echo(f"error: {result.problem}", err=True)
+        todo = ("fix the input named above, then rerun the same command" if any(x.kind == "data" for x in s.missing)
+                else "rerun the same command to compute them")
+        click.echo(f"incomplete: {len(s.missing)} of {s.shards} shards missing; {todo}", err=True)
         sys.exit(1)
 
 
@@ -99,8 +104,11 @@ def plan(manifest, overrides, as_json):
 @click.option("-o", "--storage-option", "options", multiple=True, metavar="KEY=VALUE",
               help="fsspec option, e.g. -o endpoint_url=http://127.0.0.1:9000 (values may use ${VAR}).")
 @click.option("--shards/--no-shards", default=False, help="Print the per-shard throughput table.")
-def status(output_uri, options, shards):
-    """Committed / pending / failed shards, rows, tokens and throughput of the job in OUTPUT_URI."""
+@click.option("--quick", is_flag=True, help="Check committed shards' data files by size only, without reading "
+                                            "them for their checksums.")
+def status(output_uri, options, shards, quick):
+    """Committed / pending / failed shards, rows, tokens and throughput of the job in OUTPUT_URI; every committed
+    shard is verified against its data file."""
     from .status import job_status, throughput_table
 
     opts = {}
@@ -110,18 +118,21 @@ def status(output_uri, options, shards):
             _fail(InvalidJob(f"--storage-option {item!r} is not KEY=VALUE"))
         opts[k] = v
     try:
-        st = job_status(output_uri, opts)
+        st = job_status(output_uri, opts, verify=not quick)
     except InvalidJob as e:
         _fail(e)
-    t = st["totals"]
-    click.echo(f"job {st['name']} in {output_uri}: {len(st['committed'])}/{st['shards']} shards committed, "
-               f"{len(st['pending'])} pending, {len(st['failed'])} failed")
-    click.echo(f"rows {t.rows}/{st['rows']} ({t.error_rows} bad), {t.generated_tokens} tokens, {t.nfe} nfe, "
+    t = st.totals
+    damaged = sum(p.kind == "damaged" for p in st.problems)
+    click.echo(f"job {st.name} in {output_uri}: {len(st.committed)}/{st.shards} shards committed, "
+               f"{len(st.pending)} pending, {len(st.problems) - damaged} failed, {damaged} damaged")
+    click.echo(f"rows {t.rows}/{st.rows} ({t.error_rows} bad), {t.generated_tokens} tokens, {t.nfe} nfe, "
                f"{t.tokens_per_second:.1f} tokens/s per worker")
-    for k, why in sorted(st["failed"].items()):
-        click.echo(f"shard {k:05d} failed: {why}")
-    if shards and st["stats"]:
-        click.echo(throughput_table(st["stats"]))
+    if st.lease is not None:
+        click.echo(f"running: lease held by {st.lease.describe()}")
+    for p in st.problems:
+        click.echo(p.line())
+    if shards and st.committed:
+        click.echo(throughput_table(st.committed))
 
 
 @main.command()

@@ -50,6 +50,9 @@ class InputSpec(_Strict):
 
 class OutputSpec(_Strict):
     uri: str = Field(description="Directory (fsspec URI) for job.json, shards/, stats/, summary.json.")
+    lease_s: float = Field(60, gt=0, description=(
+        "Seconds the running driver's lease on the output lasts unless renewed (it renews every lease_s / 4). "
+        "Another run is refused while it holds; a driver killed on another host blocks new runs this long."))
 
 
 class WorkersSpec(_Strict):

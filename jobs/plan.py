@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workers import Shard
-from workers.storage import filesystem
+from workers.storage import filesystem, parquet_footer
 
 from .manifest import InvalidJob, Manifest
 
@@ -91,13 +91,9 @@ def _inspect(uri: str, relpath: str, m: Manifest) -> tuple[InputFile, pa.Array |
     try:
         with fs.open(path, "rb") as f:
             size = f.size if f.size is not None else fs.size(path)
-            f.seek(max(size - 8, 0))
-            tail = f.read(8)
-            if size < 12 or tail[4:] != b"PAR1":
+            footer = parquet_footer(f, size)
+            if footer is None:
                 raise InvalidJob(f"input file {uri} is not a Parquet file (no PAR1 footer)")
-            footer_len = int.from_bytes(tail[:4], "little")
-            f.seek(max(size - 8 - footer_len, 0))
-            footer = f.read(footer_len)
             f.seek(0)
             # No pre-buffering or reader threads on a Python file object: arrow's pool would release its buffers
             # after we return, and a release racing interpreter exit aborts the process ("terminate called
@@ -149,7 +145,8 @@ def make_plan(m: Manifest) -> Plan:
     for f in files:
         for start in range(0, f.rows, n):
             shards.append(Shard(index=len(shards), file=f.uri, relpath=f.relpath, start=start,
-                                stop=min(start + n, f.rows)))
+                                stop=min(start + n, f.rows), file_size=f.size, file_rows=f.rows,
+                                footer_sha256=f.footer_sha256))
     h = hashlib.sha256()
     h.update(f"{m.input.prompt_column}|{m.input.id_column}|{n}\n".encode())
     for f in files:

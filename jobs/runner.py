@@ -1,19 +1,23 @@
-"""The Ray driver: validate and plan, prepare the output (resume check, job.json), run the pending shards on
-plain actors (one model load each, shards handed out one at a time as actors free up), retry shards whose
-worker died or raised, and write summary.json. `ray` is imported here and nowhere below jobs/."""
+"""The Ray driver: validate and plan, take the output's lease, prepare the output (resume check, job.json), run
+the pending shards on plain actors (one model load each, shards handed out one at a time as actors free up),
+retry shards whose worker died or raised (not those whose input is bad), then verify every planned shard and
+write summary.json. `ray` is imported here and nowhere below jobs/."""
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from typing import Callable
 
 import fastdllm
-from workers import Shard, ShardStats, ShardWorker, WorkerSettings
-from workers.storage import filesystem, read_json, redact, write_json
+from workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard, ShardDataError,
+                     ShardStats, ShardWorker, WorkerSettings)
+from workers.output import now
+from workers.storage import redact
 
 from .manifest import InvalidJob, Manifest
 from .plan import Plan, check_model_source, make_plan
@@ -24,12 +28,29 @@ log = logging.getLogger("fastdllm.jobs")
 @dataclass
 class JobResult:
     output_uri: str
-    summary: dict
-    failed: dict[int, str] = field(default_factory=dict)  # shard index -> why
+    summary: JobSummary
+    problem: str | None = None  # the run could not finish its own bookkeeping (lost lease, summary not written)
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        """Every planned shard committed and verified (exit 0)."""
+        return self.summary.complete and self.problem is None
+
+    @property
+    def failed(self) -> dict[int, str]:
+        """Missing shards -> why."""
+        return {m.shard: m.why for m in self.summary.missing}
+
+
+def absolute_uris(m: Manifest) -> Manifest:
+    """The manifest with local input and output paths made absolute, before anything reaches a worker: a worker
+    on another node, or in another working directory, must read and write where the driver looks. URLs stay."""
+
+    def absolute(uri: str) -> str:
+        return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+    return m.model_copy(update={"input": m.input.model_copy(update={"uri": absolute(m.input.uri)}),
+                                "output": m.output.model_copy(update={"uri": absolute(m.output.uri)})})
 
 
 def worker_settings(m: Manifest) -> WorkerSettings:
@@ -62,48 +83,39 @@ def _versions() -> dict:
     return out
 
 
-class Output:
-    """The output directory: job.json, shards/, stats/ (commit markers), summary.json."""
-
-    def __init__(self, uri: str, storage_options: dict | None):
-        self.uri = uri
-        try:
-            self.fs, self.root = filesystem(uri, storage_options)
-        except ValueError as e:
-            raise InvalidJob(str(e)) from None
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
-
-    def job(self) -> dict | None:
-        return read_json(self.fs, self.path("job.json")) if self.fs.exists(self.path("job.json")) else None
-
-    def committed(self) -> dict[int, dict]:
-        """Stats of every committed shard, by index."""
-        self.fs.invalidate_cache()  # object stores cache listings; workers wrote behind our back
-        try:
-            files = self.fs.glob(self.path("stats", "*.json"))
-        except FileNotFoundError:
-            return {}
-        stats = [read_json(self.fs, f) for f in sorted(files)]
-        return {s["shard"]: s for s in stats}
-
-    def clear(self) -> None:
-        for sub in ("stats", "shards"):
-            if self.fs.exists(self.path(sub)):
-                self.fs.rm(self.path(sub), recursive=True)
-        if self.fs.exists(self.path("summary.json")):
-            self.fs.rm(self.path("summary.json"))
+def open_output(m: Manifest) -> JobOutput:
+    try:
+        return JobOutput(m.output.uri, m.storage_options)
+    except (ValueError, ImportError, OSError) as e:
+        raise InvalidJob(f"output.uri {m.output.uri} is not usable: {type(e).__name__}: {e}") from None
 
 
-def prepare_output(m: Manifest, plan: Plan, force: bool) -> Output:
+def take_lease(out: JobOutput, m: Manifest) -> Lease:
+    """This run's lease on the output, held (and renewed) until released; InvalidJob when another run holds it
+    or the output cannot be written."""
+    lease = Lease(out, m.output.lease_s)
+    try:
+        lease.acquire()
+    except LeaseHeld as e:
+        raise InvalidJob(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise InvalidJob(f"output.uri {m.output.uri} is not writable: {type(e).__name__}: {e}") from None
+    return lease
+
+
+def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None:
     """Check an existing output against this job (refuse a changed input or config unless forced), then write
-    job.json and create shards/ and stats/. An unwritable output raises InvalidJob before any work."""
-    out = Output(m.output.uri, m.storage_options)
+    job.json. Call it holding the output's lease. An unwritable output raises InvalidJob before any work."""
     ident = _identity(m)
     try:
-        old = out.job()
-    except (OSError, ValueError) as e:
+        old = out.read_job()
+    except ValueError as e:
+        if not force:
+            raise InvalidJob(f"{e}; use a new output.uri, or --force to discard the output and start over") from None
+        log.warning("--force: %s; starting over", e)
+        old = None
+        out.clear()
+    except OSError as e:
         raise InvalidJob(f"output.uri {m.output.uri} is not usable: {type(e).__name__}: {e}") from None
     if old is not None:
         changes = []
@@ -127,26 +139,34 @@ def prepare_output(m: Manifest, plan: Plan, force: bool) -> Output:
     manifest = m.model_dump()
     manifest["storage_options"] = options
     job = {"name": m.name, "manifest": manifest, "identity": ident, "plan": plan.to_dict(), "versions": _versions(),
-           "created_at": (old or {}).get("created_at") or _now()}
+           "created_at": (old or {}).get("created_at") or now()}
     try:
-        for sub in ("shards", "stats"):
-            out.fs.makedirs(out.path(sub), exist_ok=True)
-        write_json(out.fs, out.path("job.json"), job)
+        out.write_job(job)
     except (OSError, ValueError) as e:
         raise InvalidJob(f"output.uri {m.output.uri} is not writable: {type(e).__name__}: {e}") from None
-    return out
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def summarize(out: Output, plan_shards: int, failed: dict[int, str], run: dict) -> dict:
-    committed = out.committed()
-    total = sum((ShardStats.from_dict(s) for s in committed.values()), ShardStats())
-    return {"shards": plan_shards, "committed": len(committed), "pending": plan_shards - len(committed),
-            "failed": [{"shard": k, "error": v} for k, v in sorted(failed.items())],
-            "totals": total.to_dict(), "run": run, "finished_at": _now()}
+def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], reported: set[int], run: RunStats
+              ) -> JobSummary:
+    """Verify every planned shard in the output (never trusting what workers said) and say why each one that
+    does not verify is missing."""
+    scan = out.scan({s.index: s.rows for s in plan.shards})
+    missing = []
+    for s in plan.shards:
+        if s.index in scan.committed:
+            continue
+        if s.index in failed:
+            missing.append(failed[s.index])
+        elif s.index in scan.damaged:
+            missing.append(MissingShard(s.index, "damaged", scan.damaged[s.index]))
+        elif s.index in reported:
+            missing.append(MissingShard(s.index, "not_committed", (
+                f"its worker committed it, but {out.marker_file(s.index)} is not in {out.uri}: does every node "
+                "see the same output.uri?")))
+        else:
+            missing.append(MissingShard(s.index, "not_run", "not run"))
+    totals = sum((r.stats for r in scan.committed.values()), ShardStats())
+    return JobSummary(shards=len(plan.shards), committed=len(scan.committed), missing=missing, totals=totals, run=run)
 
 
 def _init_ray(address: str | None):
@@ -161,33 +181,47 @@ def _init_ray(address: str | None):
 
 def run_job(m: Manifest, *, address: str | None = None, force: bool = False, progress: bool | None = None
             ) -> JobResult:
-    """Run (or resume) a job; InvalidJob for a bad manifest or input, raised before any shard runs."""
+    """Run (or resume) a job; InvalidJob for a bad manifest, input or output (or an output another run holds),
+    raised before any shard runs. The result is ok only when every planned shard is committed and verified."""
     check_model_source(m)
+    m = absolute_uris(m)
     plan = make_plan(m)
-    out = prepare_output(m, plan, force)
-    done = set(out.committed())
-    pending = [s for s in plan.shards if s.index not in done]
-    log.info("job %s: %d shards (%d rows) in %d files; %d committed, %d to run -> %s", m.name, len(plan.shards),
-             plan.rows, len(plan.files), len(done), len(pending), m.output.uri)
-    t0 = time.perf_counter()
-    failed: dict[int, str] = {}
-    tokens = 0
-    if pending:
-        tokens, failed = _run_shards(m, pending, address, progress)
-    wall = time.perf_counter() - t0
-    run = {"shards_run": len(pending), "generated_tokens": tokens, "wall_seconds": wall,
-           "tokens_per_second": tokens / wall if wall > 0 and tokens else 0.0}
-    summary = summarize(out, len(plan.shards), failed, run)
-    write_json(out.fs, out.path("summary.json"), summary)
-    return JobResult(m.output.uri, summary, failed)
+    out = open_output(m)
+    lease = take_lease(out, m)
+    try:
+        prepare_output(out, m, plan, force)
+        done = out.scan({s.index: s.rows for s in plan.shards}).committed
+        pending = [s for s in plan.shards if s.index not in done]
+        log.info("job %s: %d shards (%d rows) in %d files; %d committed, %d to run -> %s", m.name,
+                 len(plan.shards), plan.rows, len(plan.files), len(done), len(pending), m.output.uri)
+        t0 = time.perf_counter()
+        tokens, failed, reported = 0, {}, set()
+        if pending:
+            tokens, failed, reported = _run_shards(m, pending, address, progress, out, lambda: lease.lost)
+        run = RunStats(shards_run=len(pending), generated_tokens=tokens, wall_seconds=time.perf_counter() - t0)
+        summary = summarize(out, plan, failed, reported, run)
+        if lease.lost:  # another run owns the output now: its summary is not ours to write
+            return JobResult(m.output.uri, summary, lease.lost)
+        try:
+            out.write_summary(summary)
+        except OSError as e:
+            log.error("could not write %s/summary.json: %s: %s", m.output.uri, type(e).__name__, e)
+            return JobResult(m.output.uri, summary, f"summary.json not written ({type(e).__name__}: {e})")
+        return JobResult(m.output.uri, summary)
+    finally:
+        lease.release()
 
 
-def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress: bool | None):
-    """Run shards on `workers.count` actors; returns (generated tokens, {failed shard: why}).
+def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress: bool | None, out: JobOutput,
+                lost: Callable[[], str | None]):
+    """Run shards on `workers.count` actors; returns (generated tokens, {failed shard: why}, {shards workers
+    reported committed}).
 
     Each actor holds one shard at a time; a free actor takes the next shard in the queue. A failed attempt
     (the actor process died, the task raised, or it ran past workers.shard_timeout_s) puts the shard back at
-    the end of the queue until it has had max_retries + 1 attempts; a dead or stuck actor is replaced."""
+    the end of the queue until it has had max_retries + 1 attempts; a dead or stuck actor is replaced. A shard
+    whose input is bad (ShardDataError) fails at once: retrying cannot help. Each failed attempt leaves
+    logs/NNNNN-attemptK.txt. When `lost()` says the lease was lost, dispatching stops."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
     from tqdm import tqdm
@@ -208,7 +242,8 @@ def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress
     attempts: dict[int, int] = {}
     inflight: dict = {}  # ref -> (slot, shard, dispatch time)
     idle = list(slots)
-    failed: dict[int, str] = {}
+    failed: dict[int, MissingShard] = {}
+    reported: set[int] = set()
     tokens, t0 = 0, time.perf_counter()
     bar = tqdm(total=sum(s.rows for s in pending), unit="row", desc=m.name,
                disable=None if progress is None else not progress)
@@ -216,12 +251,18 @@ def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress
     deaths = 0  # actor deaths since the last committed shard
     give_up_after = (w.max_retries + 1) * len(slots)
 
+    def write_log(shard: Shard, text: str) -> None:
+        try:
+            out.write_log(shard.index, attempts.get(shard.index, 0), text + "\n")
+        except OSError as e:
+            log.warning("could not write %s: %s", out.log_file(shard.index, attempts.get(shard.index, 0)), e)
+
     def attempt_failed(slot: int, shard: Shard, why: str, replace: bool) -> None:
         nonlocal deaths
         deaths += replace
         if deaths >= give_up_after and replace:  # every actor keeps dying (a model that cannot load, OOM...)
             for s in [shard, *queue]:
-                failed[s.index] = f"{why} (gave up: {deaths} worker deaths in a row)"
+                failed[s.index] = MissingShard(s.index, "failed", f"{why} (gave up: {deaths} worker deaths in a row)")
             queue.clear()
             log.error("workers keep dying (%s); giving up on %d shards", why, len(failed))
             return
@@ -235,42 +276,56 @@ def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress
             queue.append(shard)
         else:
             log.error("shard %s failed after %d attempts: %s", shard.name, n, why)
-            failed[shard.index] = why
+            failed[shard.index] = MissingShard(shard.index, "failed", why)
 
     try:
         while queue or inflight:
+            if lost():
+                for s in [*queue, *(shard for _, shard, _ in inflight.values())]:
+                    failed[s.index] = MissingShard(s.index, "failed", f"not finished: {lost()}")
+                break
             while idle and queue:
                 slot, shard = idle.pop(), queue.popleft()
                 ref = actors[slot].run_shard.remote(shard, attempts.get(shard.index, 0))
                 inflight[ref] = (slot, shard, time.perf_counter())
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0 if w.shard_timeout_s else None)
             if not ready:
-                now = time.perf_counter()
+                t = time.perf_counter()
                 for ref, (slot, shard, since) in list(inflight.items()):
-                    if now - since > w.shard_timeout_s:
+                    if t - since > w.shard_timeout_s:
                         del inflight[ref]
-                        attempt_failed(slot, shard, f"timed out after {w.shard_timeout_s:g}s", replace=True)
+                        why = f"timed out after {w.shard_timeout_s:g}s"
+                        write_log(shard, why)
+                        attempt_failed(slot, shard, why, replace=True)
                 continue
             slot, shard, _ = inflight.pop(ready[0])
             try:
-                stats = ray.get(ready[0])
+                rec = ray.get(ready[0])
             except (RayActorError, RayTaskError) as e:
+                write_log(shard, str(e))
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, ShardDataError):  # the input is wrong: another attempt reads the same
+                    log.error("shard %s: %s", shard.name, cause)
+                    failed[shard.index] = MissingShard(shard.index, "data", str(cause))
+                    idle.append(slot)
+                    continue
                 attempt_failed(slot, shard, _reason(e), replace=isinstance(e, RayActorError))
                 continue
             idle.append(slot)
             deaths = 0
-            tokens += stats["generated_tokens"]
-            bar.update(stats["rows"])
+            reported.add(shard.index)
+            tokens += rec.stats.generated_tokens
+            bar.update(rec.stats.rows)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
-            log.debug("shard %s committed: %d rows, %.1f tokens/s on %s", shard.name, stats["rows"],
-                      stats["tokens_per_second"], stats["worker"])
+            log.debug("shard %s committed: %d rows, %.1f tokens/s on %s", shard.name, rec.stats.rows,
+                      rec.stats.tokens_per_second, rec.worker)
     finally:
         bar.close()
         for a in actors.values():
             ray.kill(a)
         if started_ray:
             ray.shutdown()
-    return tokens, failed
+    return tokens, failed, reported
 
 
 def _check_resources(w, strict: bool) -> None:

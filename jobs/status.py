@@ -1,40 +1,67 @@
-"""`fastdllm status`: what an output directory holds (committed / pending / failed shards, rows, tokens)."""
+"""`fastdllm status`: what an output directory holds (committed / pending / failed / damaged shards, rows,
+tokens, the run holding its lease), every committed shard verified against its data file."""
 
 from __future__ import annotations
 
-from workers import ShardStats
+from dataclasses import dataclass
+
+from workers import JobOutput, MissingShard, ShardRecord, ShardStats
+from workers.output import LeaseInfo, planned_rows
 
 from .manifest import InvalidJob
-from .runner import Output
 
 
-def job_status(uri: str, storage_options: dict | None = None) -> dict:
-    out = Output(uri, storage_options)
+@dataclass
+class JobStatus:
+    name: str
+    uri: str
+    shards: int
+    rows: int  # planned
+    committed: dict[int, ShardRecord]
+    pending: list[int]  # not committed, no known failure
+    problems: list[MissingShard]  # failed (last run), bad input, damaged
+    lease: LeaseInfo | None  # the live lease of a running driver
+
+    @property
+    def totals(self) -> ShardStats:
+        return sum((r.stats for r in self.committed.values()), ShardStats())
+
+
+def job_status(uri: str, storage_options: dict | None = None, verify: bool = True) -> JobStatus:
+    """The output's state; with `verify`, every committed shard's data file is read and checksummed (without,
+    only its presence and size are checked)."""
     try:
-        job = out.job()
+        out = JobOutput(uri, storage_options)
+        job = out.read_job()
     except (OSError, ValueError) as e:
         raise InvalidJob(f"cannot read {uri}: {type(e).__name__}: {e}") from None
     if job is None:
         raise InvalidJob(f"{uri} holds no job (no job.json)")
-    committed = out.committed()
-    shards = job["plan"]["shards"]
-    summary = None
-    if out.fs.exists(out.path("summary.json")):
-        from workers.storage import read_json
+    planned = planned_rows(job)
+    scan = out.scan(planned, verify=verify)
+    summary = out.read_summary()
+    last = {m.shard: m for m in summary.missing if m.kind in ("data", "failed")} if summary else {}
+    problems, pending = [], []
+    for k in sorted(planned):
+        if k in scan.committed:
+            continue
+        if k in scan.damaged:
+            problems.append(MissingShard(k, "damaged", scan.damaged[k]))
+        elif k in last:
+            problems.append(last[k])
+        else:
+            pending.append(k)
+    lease = out.read_lease()
+    return JobStatus(name=job["name"], uri=uri, shards=len(planned), rows=job["plan"]["rows"],
+                     committed=scan.committed, pending=pending, problems=problems,
+                     lease=lease if lease is not None and not lease.expired() else None)
 
-        summary = read_json(out.fs, out.path("summary.json"))
-    failed = {f["shard"]: f["error"] for f in (summary or {}).get("failed", []) if f["shard"] not in committed}
-    total = sum((ShardStats.from_dict(s) for s in committed.values()), ShardStats())
-    return {"name": job["name"], "uri": uri, "shards": len(shards), "committed": sorted(committed),
-            "pending": [s["index"] for s in shards if s["index"] not in committed and s["index"] not in failed],
-            "failed": failed, "rows": job["plan"]["rows"], "totals": total, "stats": committed}
 
-
-def throughput_table(stats: dict[int, dict]) -> str:
-    """A text table of per-shard throughput from stats files."""
+def throughput_table(records: dict[int, ShardRecord]) -> str:
+    """A text table of per-shard throughput from the commit records."""
     lines = [f"{'shard':>5} {'rows':>6} {'errors':>6} {'tokens':>8} {'nfe':>8} {'seconds':>8} {'tok/s':>8}  worker"]
-    for k in sorted(stats):
-        s = stats[k]
-        lines.append(f"{k:>5} {s['rows']:>6} {s['error_rows']:>6} {s['generated_tokens']:>8} {s['nfe']:>8} "
-                     f"{s['wall_seconds']:>8.2f} {s['tokens_per_second']:>8.1f}  {s['worker']}")
+    for k in sorted(records):
+        r, s = records[k], records[k].stats
+        lines.append(f"{k:>5} {s.rows:>6} {s.error_rows:>6} {s.generated_tokens:>8} {s.nfe:>8} "
+                     f"{s.wall_seconds:>8.2f} {s.tokens_per_second:>8.1f}  {r.worker}")
     return "\n".join(lines)

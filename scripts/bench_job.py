@@ -18,7 +18,6 @@ writes, commits, dispatch), which does not depend on comparing two noisy runs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -74,6 +73,8 @@ class _Direct:
 def runner(data: Path, out: Path, decode: dict, args) -> dict:
     """One job on the running Ray; throughput from its stats files."""
     from jobs import parse_manifest, run_job
+    from workers import JobOutput
+    from workers.output import planned_rows
 
     m = parse_manifest({"name": "bench", "model": {"source": "tiny"},
                         "input": {"uri": str(data), "id_column": "id", "rows_per_shard": args.rows_per_shard},
@@ -82,16 +83,18 @@ def runner(data: Path, out: Path, decode: dict, args) -> dict:
     t0 = time.perf_counter()
     result = run_job(m, progress=False)
     e2e = time.perf_counter() - t0
-    stats = [json.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))]
-    start = min(datetime.fromisoformat(s["started_at"]) for s in stats)
-    end = max(datetime.fromisoformat(s["finished_at"]) for s in stats)
-    tokens = sum(s["generated_tokens"] for s in stats)
+    output = JobOutput(str(out))
+    records = list(output.scan(planned_rows(output.read_job()), verify=False).committed.values())
+    start = min(datetime.fromisoformat(r.started_at) for r in records)
+    end = max(datetime.fromisoformat(r.finished_at) for r in records)
+    stats = [r.stats for r in records]
+    tokens = sum(s.generated_tokens for s in stats)
     span = (end - start).total_seconds()
     return {"tokens": tokens, "tps": tokens / span, "e2e_tps": tokens / e2e,
-            "in_shards": sum(s["wall_seconds"] for s in stats) / span,
-            "decode_share": sum(s["decode_seconds"] for s in stats) / sum(s["wall_seconds"] for s in stats),
-            "outside_generate": 1 - sum(s["decode_seconds"] for s in stats) / span,
-            "io_share": sum(s["read_seconds"] + s["write_seconds"] for s in stats) / span,
+            "in_shards": sum(s.wall_seconds for s in stats) / span,
+            "decode_share": sum(s.decode_seconds for s in stats) / sum(s.wall_seconds for s in stats),
+            "outside_generate": 1 - sum(s.decode_seconds for s in stats) / span,
+            "io_share": sum(s.read_seconds + s.write_seconds for s in stats) / span,
             "ok": result.ok}
 
 

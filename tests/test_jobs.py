@@ -86,7 +86,7 @@ def test_local_job_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
     assert job["manifest"]["workers"]["count"] == 2 and len(job["plan"]["shards"]) == 4
     assert job["plan"]["fingerprint"] and job["versions"]["fastdllm"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["committed"] == 4 and summary["failed"] == [] and summary["totals"]["rows"] == len(ids)
+    assert summary["committed"] == 4 and summary["complete"] and summary["missing"] == [] and summary["totals"]["rows"] == len(ids)
     assert summary["totals"]["generated_tokens"] == sum(r["n_tokens"] for r in rows)
 
     before = mtimes(out)
@@ -110,7 +110,7 @@ def test_resume_recomputes_only_uncommitted_shards(tmp_path, ray_cluster):
     r = CliRunner().invoke(main, ["status", str(out)])
     assert "3/4 shards committed, 1 pending" in r.output, r.output
     result = run_job(m, address=ray_cluster)
-    assert result.ok and result.summary["run"]["shards_run"] == 1
+    assert result.ok and result.summary.run.shards_run == 1
     after = mtimes(out)
     assert {k for k in after if after[k] != before.get(k)} == {"00002.json"}
     assert sorted(r["id"] for r in output_rows(out)) == ids
@@ -176,7 +176,7 @@ def test_shard_that_keeps_failing_is_reported_exit_1(tmp_path, ray_cluster):
     assert "shard 00002 failed: RuntimeError: injected fault in shard 00002 (attempt 1)" in r.output
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["committed"] == 2 and [f["shard"] for f in summary["failed"]] == [2]
+    assert summary["committed"] == 2 and [(f["shard"], f["kind"]) for f in summary["missing"]] == [(2, "failed")]
     assert sorted(r["id"] for r in output_rows(out)) == ids[:6]
     r = CliRunner().invoke(main, ["status", str(out)])
     assert "1 failed" in r.output and "shard 00002 failed" in r.output, r.output
@@ -206,7 +206,7 @@ def test_killed_driver_then_rerun_gives_every_row_once(tmp_path, ray_cluster):
     committed = len(list(stats.iterdir()))
     assert 1 <= committed < 8, "the driver should have been killed mid-job"
     result = run_job(parse_manifest(yaml.safe_load(m.read_text())), address=ray_cluster)
-    assert result.ok and result.summary["run"]["shards_run"] <= 8 - committed
+    assert result.ok and result.summary.run.shards_run <= 8 - committed
     rows = output_rows(tmp_path / "out")
     assert sorted(r["id"] for r in rows) == ids  # every row exactly once
 
@@ -250,7 +250,7 @@ def test_s3_job_end_to_end(tmp_path, ray_cluster, s3):
 
     fs.rm("fdl-bucket/runs/a/stats/00001.json")
     result = run_job(m, address=ray_cluster)
-    assert result.ok and result.summary["run"]["shards_run"] == 1 and result.summary["committed"] == 4
+    assert result.ok and result.summary.run.shards_run == 1 and result.summary.committed == 4
     r = CliRunner().invoke(main, ["status", "s3://fdl-bucket/runs/a", "-o", f"endpoint_url={endpoint}"])
     assert r.exit_code == 0 and "4/4 shards committed" in r.output, r.output
 

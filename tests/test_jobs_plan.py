@@ -159,7 +159,7 @@ def test_worker_bad_rows_get_errors_and_the_rest_decodes(tmp_path, worker):
     prompts = ["12+34=", None, "", too_long, "sort:321=", "   ", "7+8="]
     path = write_parquet(tmp_path / "p.parquet", prompts)
     stats = worker.run_shard(Shard(index=7, file=str(path), relpath="p.parquet", start=0, stop=len(prompts)))
-    t = pq.read_table(f"{worker.out_root}/shards/00007.parquet").to_pylist()
+    t = pq.read_table(f"{worker.out.root}/shards/00007.parquet").to_pylist()
     assert [r["id"] for r in t] == [f"p.parquet:{i}" for i in range(len(prompts))]
     errors = {i: r["error"] for i, r in enumerate(t) if r["finish_reason"] == "error"}
     assert set(errors) == {1, 2, 3, 5}
@@ -169,12 +169,12 @@ def test_worker_bad_rows_get_errors_and_the_rest_decodes(tmp_path, worker):
         assert r["error"] is None and r["finish_reason"] in ("stop", "length")
         assert r["n_tokens"] == len(r["completion_ids"]) <= 8 and r["nfe"] > 0 and isinstance(r["completion"], str)
         assert r["prompt"] == prompts[i]
-    saved = json.loads(open(f"{worker.out_root}/stats/00007.json").read())
-    assert saved == stats
-    assert stats["rows"] == 7 and stats["error_rows"] == 4 and stats["shard"] == 7
-    assert stats["generated_tokens"] == sum(r["n_tokens"] for r in t)
+    saved = json.loads(open(f"{worker.out.root}/stats/00007.json").read())
+    assert saved == stats.to_dict()
+    assert stats.stats.rows == 7 and stats.stats.error_rows == 4 and saved["shard"] == 7
+    assert stats.stats.generated_tokens == sum(r["n_tokens"] for r in t)
     for k in ("wall_seconds", "tokens_per_second", "worker", "device", "started_at", "finished_at", "nfe"):
-        assert k in stats
+        assert k in saved
 
 
 def test_worker_output_does_not_depend_on_batch_size(tmp_path, worker):
@@ -186,7 +186,7 @@ def test_worker_output_does_not_depend_on_batch_size(tmp_path, worker):
         for bs in (1, 4):
             worker.s.batch_size = bs
             worker.run_shard(Shard(index=bs, file=str(path), relpath="p.parquet", start=0, stop=7))
-            outs.append(pq.read_table(f"{worker.out_root}/shards/{bs:05d}.parquet").to_pylist())
+            outs.append(pq.read_table(f"{worker.out.root}/shards/{bs:05d}.parquet").to_pylist())
     finally:
         worker.s.id_column, worker.s.batch_size = None, 3
     assert outs[0] == outs[1]

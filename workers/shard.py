@@ -1,5 +1,6 @@
-"""`ShardWorker`: loads a model once, then decodes whole shards: read rows -> validate -> sort by prompt length ->
-decode in batches -> write shards/NNNNN.parquet -> write stats/NNNNN.json (the commit marker, always last).
+"""`ShardWorker`: loads a model once, then decodes whole shards: read rows (from the planned file only) ->
+validate -> sort by prompt length -> decode in batches -> commit through `JobOutput` (shards/NNNNN.parquet, then
+stats/NNNNN.json, the commit marker, always last).
 
 A plain class: the job driver wraps it with `ray.remote`; tests and notebooks use it directly.
 """
@@ -7,20 +8,21 @@ A plain class: the job driver wraps it with `ray.remote`; tests and notebooks us
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import fastdllm
 
+from .output import DataFile, JobOutput, ShardRecord, now
 from .stats import ShardStats
-from .storage import filesystem, write_json
+from .storage import filesystem, parquet_footer
 
 log = logging.getLogger("fastdllm.workers")
 
@@ -35,16 +37,25 @@ OUTPUT_SCHEMA_TAIL = [  # the output columns after `id` (whose type follows the 
 ]
 
 
+class ShardDataError(Exception):
+    """The shard's input is wrong (the file changed since planning, values cannot be decoded): retrying cannot
+    help, so the driver does not; the message says what to fix."""
+
+
 @dataclass(frozen=True)
 class Shard:
     """Rows [start, stop) of one input Parquet file. `relpath` (the file relative to the input root) names
-    derived row ids, so they survive moving the dataset."""
+    derived row ids, so they survive moving the dataset. file_size, file_rows and footer_sha256 pin the file as
+    planned (None: not checked)."""
 
     index: int
     file: str
     relpath: str
     start: int
     stop: int
+    file_size: int | None = None
+    file_rows: int | None = None
+    footer_sha256: str | None = None
 
     @property
     def rows(self) -> int:
@@ -87,22 +98,62 @@ def seed_id(row_id) -> int:
     return int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "little") >> 1
 
 
+def _check_pinned(shard: Shard, f, pf: pq.ParquetFile) -> None:
+    """ShardDataError when the open input file is not the one planned (size, footer hash, row count)."""
+    size = f.size if getattr(f, "size", None) is not None else f.seek(0, 2)
+    now = []
+    if shard.file_size is not None and size != shard.file_size:
+        now.append(f"{shard.file_size} -> {size} bytes")
+    if shard.file_rows is not None and pf.metadata.num_rows != shard.file_rows:
+        now.append(f"{shard.file_rows} -> {pf.metadata.num_rows} rows")
+    if not now and shard.footer_sha256 is not None:
+        footer = parquet_footer(f, size)
+        if footer is None or hashlib.sha256(footer).hexdigest() != shard.footer_sha256:
+            now.append("its Parquet footer differs")
+    if now:
+        raise ShardDataError(f"input file {shard.file} changed since the job was planned ({', '.join(now)}); fix "
+                             "the input: restore the planned file, or rerun with --force to plan the new input")
+
+
 def read_shard_rows(shard: Shard, columns: list[str], storage_options: dict | None = None) -> pa.Table:
-    """The shard's rows of `columns`, reading only the row groups that overlap it."""
+    """The shard's rows of `columns`, reading only the row groups that overlap it. The file must still be the
+    planned one, and its values must decode: otherwise ShardDataError."""
     fs, path = filesystem(shard.file, storage_options)
     with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f, pre_buffer=False)  # no background reads: see jobs/plan.py
-        groups, offset, first = [], 0, None
-        for g in range(pf.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if offset < shard.stop and offset + n > shard.start:
-                groups.append(g)
-                first = offset if first is None else first
-            offset += n
-        if not groups:
-            return pf.schema_arrow.empty_table().select(columns)
-        table = pf.read_row_groups(groups, columns=columns, use_threads=False)
+        try:
+            pf = pq.ParquetFile(f, pre_buffer=False)  # no background reads: see jobs/plan.py
+            _check_pinned(shard, f, pf)
+            groups, offset, first = [], 0, None
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if offset < shard.stop and offset + n > shard.start:
+                    groups.append(g)
+                    first = offset if first is None else first
+                offset += n
+            if not groups:
+                return pf.schema_arrow.empty_table().select(columns)
+            table = pf.read_row_groups(groups, columns=columns, use_threads=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise ShardDataError(f"input file {shard.file} rows [{shard.start}, {shard.stop}) cannot be decoded "
+                                 f"({type(e).__name__}: {e}); fix the input file") from None
     return table.select(columns).slice(shard.start - (first or 0), shard.rows)
+
+
+def decode_text(column: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
+    """The column's values as Python objects, string and binary values decoded as UTF-8; a value that is not
+    valid UTF-8 becomes None and is reported in {row within the column: why}, so one bad value costs one row."""
+    t = column.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)):
+        return column.to_pylist(), {}
+    values, bad = [], {}
+    for i, raw in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        try:
+            values.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            values.append(None)
+            bad[i] = f"not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
+    return values, bad
 
 
 class ShardWorker:
@@ -121,9 +172,7 @@ class ShardWorker:
         self.max_prompt = self.model.config.max_seq_len - self.cfg.gen_length
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._warm_up()
-        self.out_fs, self.out_root = filesystem(settings.output_uri, settings.storage_options)
-        for sub in ("shards", "stats"):
-            self.out_fs.makedirs(f"{self.out_root}/{sub}", exist_ok=True)
+        self.out = JobOutput(settings.output_uri, settings.storage_options)
 
     def _warm_up(self) -> None:
         """Decode one full batch of a one-token prompt, so the first shard does not pay for lazy kernel set-up
@@ -165,17 +214,22 @@ class ShardWorker:
             while True:
                 time.sleep(60)
 
-    def run_shard(self, shard: Shard, attempt: int = 0) -> dict:
-        """Decode one shard and commit it; returns the stats written to stats/NNNNN.json."""
+    def run_shard(self, shard: Shard, attempt: int = 0) -> ShardRecord:
+        """Decode one shard and commit it; returns its commit record (what stats/NNNNN.json holds). A shard
+        whose input is wrong raises ShardDataError (the driver does not retry it)."""
         t0 = time.perf_counter()
-        started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        started = now()
         cols = [self.s.prompt_column] + ([self.s.id_column] if self.s.id_column else [])
         table = read_shard_rows(shard, cols, self.s.storage_options)
         read_seconds = time.perf_counter() - t0
-        prompts = table.column(self.s.prompt_column).to_pylist()
+        prompts, undecodable = decode_text(table.column(self.s.prompt_column))
         if self.s.id_column:
             id_col = table.column(self.s.id_column)
-            ids = id_col.to_pylist()
+            ids, bad_ids = decode_text(id_col)
+            if bad_ids:
+                i, why = next(iter(bad_ids.items()))
+                raise ShardDataError(f"input file {shard.file} row {shard.start + i}: id column "
+                                     f"{self.s.id_column!r} is {why}; fix the input")
             id_type = id_col.type
         else:
             ids = [f"{shard.relpath}:{shard.start + i}" for i in range(len(prompts))]
@@ -188,6 +242,9 @@ class ShardWorker:
         errors: list[str | None] = [None] * n
         encoded = []
         for i, p in enumerate(prompts):
+            if i in undecodable:
+                errors[i] = f"prompt is {undecodable[i]} ({shard.relpath} row {shard.start + i})"
+                continue
             enc, why = self._encode(p)
             if why is None:
                 encoded.append((len(enc), i, enc))
@@ -219,13 +276,15 @@ class ShardWorker:
         out_table = pa.table([ids, [p if isinstance(p, str) else None for p in prompts], texts, completion_ids,
                               n_tokens, nfe, reasons, errors], schema=schema)
         t_write = time.perf_counter()
-        with self.out_fs.open(f"{self.out_root}/shards/{shard.name}.parquet", "wb") as f:
-            pq.write_table(out_table, f)
-        counters.write_seconds = time.perf_counter() - t_write
+        buf = io.BytesIO()
+        pq.write_table(out_table, buf)
 
-        counters.wall_seconds = time.perf_counter() - t0
-        stats = {"shard": shard.index, **counters.to_dict(), "worker": self.name, "device": self.device,
-                 "model": self.s.model_source, "config": self.cfg.to_dict(), "attempt": attempt,
-                 "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-        write_json(self.out_fs, f"{self.out_root}/stats/{shard.name}.json", stats)  # the commit marker, last
-        return stats
+        def record(file: DataFile) -> ShardRecord:  # called once the data file is written, before the marker
+            counters.write_seconds = time.perf_counter() - t_write
+            counters.wall_seconds = time.perf_counter() - t0
+            return ShardRecord(shard=shard.index, stats=counters, file=file, worker=self.name, device=self.device,
+                               model=self.s.model_source, config=self.cfg.to_dict(), attempt=attempt,
+                               started_at=started,
+                               finished_at=now())
+
+        return self.out.commit(shard.index, buf.getvalue(), out_table.num_rows, record)

@@ -3,7 +3,6 @@ the environment of the process that uses them, so credentials never travel in jo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -56,9 +55,15 @@ def filesystem(uri: str, storage_options: dict | None = None):
     return fsspec.core.url_to_fs(uri, **expand_env(storage_options))
 
 
-def write_json(fs, path: str, obj) -> None:
-    fs.pipe_file(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def read_json(fs, path: str):
-    return json.loads(fs.cat_file(path).decode())
+def parquet_footer(f, size: int) -> bytes | None:
+    """The Parquet footer (file metadata) of an open file of `size` bytes; None when it is not a Parquet file.
+    Its hash pins a file: the planner records it and a worker compares it before reading."""
+    if size < 12:
+        return None
+    f.seek(size - 8)
+    tail = f.read(8)
+    if tail[4:] != b"PAR1":
+        return None
+    footer_len = int.from_bytes(tail[:4], "little")
+    f.seek(max(size - 8 - footer_len, 0))
+    return f.read(footer_len)
