@@ -40,3 +40,13 @@ def random_prompts(model, lengths, seed=0):
 def _one_torch_thread():
     # The tiny test models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def worker(tmp_path_factory):
+    """One ShardWorker (tiny model, batch size 3) for the tests that run shards without Ray."""
+    from workers import ShardWorker, WorkerSettings
+
+    out = tmp_path_factory.mktemp("wout")
+    return ShardWorker(WorkerSettings(model_source="tiny", decode={"gen_length": 8, "block_length": 4, "steps": 8},
+                                      output_uri=str(out), batch_size=3))

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from jobs.cli import main
 from jobs.manifest import InvalidJob, parse_manifest
 from jobs.plan import make_plan
-from workers import Shard, ShardStats, ShardWorker, WorkerSettings, read_shard_rows
+from workers import Shard, ShardStats, read_shard_rows
 from workers.storage import expand_env, redact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,12 +146,6 @@ def test_exit2_manifest_model_and_output_problems(tmp_path):
     bad.write_text("model: [unclosed")
     r = cli("run", bad)
     assert r.exit_code == 2 and "not valid YAML" in r.output
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wout")
-    return ShardWorker(WorkerSettings(model_source="tiny", decode=DECODE, output_uri=str(out), batch_size=3))
 
 
 def test_worker_bad_rows_get_errors_and_the_rest_decodes(tmp_path, worker):
