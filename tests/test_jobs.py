@@ -1,5 +1,7 @@
 """Whole jobs on a real local Ray cluster, with local Parquet files and on a real S3-compatible server (moto's
-server mode on 127.0.0.1, through s3fs): resume, a killed driver, config changes, dying and failing workers."""
+server mode on 127.0.0.1, through s3fs): resume, a killed driver, config changes, dying and failing workers, and
+the integrity cases: input changed mid-run, damaged or half-written output, a second run on a held output,
+relative paths."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from click.testing import CliRunner
 
 from jobs import InvalidJob, parse_manifest, run_job
 from jobs.cli import main
+from workers import JobOutput, Lease, RunStats
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODE = {"gen_length": 8, "block_length": 4, "steps": 8}
@@ -88,6 +92,7 @@ def test_local_job_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["committed"] == 4 and summary["complete"] and summary["missing"] == [] and summary["totals"]["rows"] == len(ids)
     assert summary["totals"]["generated_tokens"] == sum(r["n_tokens"] for r in rows)
+    assert not (out / "lease.json").exists()  # released at the end
 
     before = mtimes(out)
     r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
@@ -99,20 +104,34 @@ def test_local_job_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
     assert f"rows {len(ids)}/{len(ids)}" in r.output
 
 
-def test_resume_recomputes_only_uncommitted_shards(tmp_path, ray_cluster):
-    ids = write_inputs(tmp_path / "in")
+def test_resume_recomputes_missing_damaged_and_unreadable_shards_only(tmp_path, ray_cluster, caplog):
+    ids = write_inputs(tmp_path / "in", rows=9)
     m = parse_manifest(spec(tmp_path))
     assert run_job(m, address=ray_cluster).ok
     out = tmp_path / "out"
     before = mtimes(out)
-    (out / "stats" / "00002.json").unlink()
+    (out / "stats" / "00099.json").write_bytes((out / "stats" / "00005.json").read_bytes())  # not in the plan
+    (out / "stats" / "00002.json").unlink()  # a shard the driver died in
     (out / "shards" / "00002.parquet").write_bytes(b"half-written")
+    (out / "stats" / "00001.json").write_bytes(b"")  # what a full disk left before commits were atomic
+    (out / "summary.json").write_bytes(b"")
+    data = (out / "shards" / "00000.parquet").read_bytes()
+    (out / "shards" / "00000.parquet").write_bytes(data[:-100])  # truncated
+    flipped = bytearray((out / "shards" / "00003.parquet").read_bytes())
+    flipped[len(flipped) // 2] ^= 0x10
+    (out / "shards" / "00003.parquet").write_bytes(bytes(flipped))  # one bit flipped
+    (out / "shards" / "00004.parquet").unlink()  # deleted, its marker kept
     r = CliRunner().invoke(main, ["status", str(out)])
-    assert "3/4 shards committed, 1 pending" in r.output, r.output
-    result = run_job(m, address=ray_cluster)
-    assert result.ok and result.summary.run.shards_run == 1
+    assert r.exit_code == 0 and "1/6 shards committed, 1 pending, 0 failed, 4 damaged" in r.output, r.output
+    assert "rows 3/18" in r.output and "shard 00003 is damaged: shards/00003.parquet does not match" in r.output
+    assert "stats/00001.json: not valid JSON (0 bytes" in r.output
+    with caplog.at_level("WARNING"):
+        result = run_job(m, address=ray_cluster)
+    assert "stats/00099.json: not a shard of this job's plan" in caplog.text
+    assert result.ok and result.summary.run.shards_run == 5 and result.summary.committed == 6
+    assert result.summary.totals.rows == len(ids)  # the marker outside the plan never counts
     after = mtimes(out)
-    assert {k for k in after if after[k] != before.get(k)} == {"00002.json"}
+    assert {k for k in after if after[k] != before.get(k)} == {f"{i:05d}.json" for i in range(5)} | {"00099.json"}
     assert sorted(r["id"] for r in output_rows(out)) == ids
 
 
@@ -121,6 +140,18 @@ def test_changed_config_or_input_refused_unless_forced(tmp_path, ray_cluster):
     m = tmp_path / "job.yaml"
     m.write_text(yaml.safe_dump(spec(tmp_path)))
     assert CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster]).exit_code == 0
+    out = tmp_path / "out"
+    before = mtimes(out)
+    other = Lease(JobOutput(str(out)), ttl_s=60)  # another run holds the output
+    other.acquire()
+    try:
+        for extra in ([], ["--force", "--set", "input.rows_per_shard=1"]):
+            r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, *extra])
+            assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+            assert f"in use by another run: lease held by {other.me.holder} (run {other.me.run_id[:8]}) until" in r.output
+    finally:
+        other.release()
+    assert mtimes(out) == before and len(list((out / "shards").iterdir())) == 1  # --force deleted nothing
     r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--set", "decode.threshold=0.5"])
     assert r.exit_code == 2 and "decode config changed (threshold: 0.9 -> 0.5)" in r.output, r.output
     assert "--force" in r.output
@@ -131,7 +162,6 @@ def test_changed_config_or_input_refused_unless_forced(tmp_path, ray_cluster):
     assert r.exit_code == 2 and "the input" in r.output, r.output
     r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--force", "--set", "decode.threshold=0.5"])
     assert r.exit_code == 0, r.output
-    out = tmp_path / "out"
     assert sorted(r["id"] for r in output_rows(out)) == [0, 1, 2, 3]
     assert all(json.loads(p.read_text())["config"]["threshold"] == 0.5 for p in (out / "stats").glob("*.json"))
 
@@ -167,19 +197,35 @@ def test_stuck_shard_times_out_and_is_retried(tmp_path, ray_cluster):
     assert json.loads((tmp_path / "out" / "stats" / "00000.json").read_text())["attempt"] == 1
 
 
-def test_shard_that_keeps_failing_is_reported_exit_1(tmp_path, ray_cluster):
+def test_shard_that_keeps_failing_is_reported_exit_1_with_relative_paths(tmp_path, ray_cluster, monkeypatch):
     ids = write_inputs(tmp_path / "in", n_files=1, rows=9)
     m = tmp_path / "job.yaml"
-    m.write_text(yaml.safe_dump(spec(tmp_path, faults={"error": {2: 99}})))
+    m.write_text(yaml.safe_dump(spec(tmp_path, faults={"error": {2: 99}}, input={"uri": "in/*.parquet"},
+                                     output={"uri": "out"})))
+    monkeypatch.chdir(tmp_path)  # the Ray workers run elsewhere: relative paths must not reach them
     r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
     assert r.exit_code == 1, r.output
     assert "shard 00002 failed: RuntimeError: injected fault in shard 00002 (attempt 1)" in r.output
+    assert "incomplete: 1 of 3 shards missing; rerun the same command" in r.output
     out = tmp_path / "out"
+    assert (out / "logs" / "00002-attempt0.txt").exists() and (out / "logs" / "00002-attempt1.txt").exists()
+    job = json.loads((out / "job.json").read_text())
+    assert job["manifest"]["output"]["uri"] == str(out) and job["manifest"]["input"]["uri"] == f"{tmp_path}/in/*.parquet"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["committed"] == 2 and [(f["shard"], f["kind"]) for f in summary["missing"]] == [(2, "failed")]
     assert sorted(r["id"] for r in output_rows(out)) == ids[:6]
     r = CliRunner().invoke(main, ["status", str(out)])
     assert "1 failed" in r.output and "shard 00002 failed" in r.output, r.output
+
+    # A shard its worker reported committed but whose marker the driver cannot see is missing, never counted.
+    from jobs.plan import make_plan
+    from jobs.runner import absolute_uris, summarize
+
+    (out / "stats" / "00000.json").unlink()
+    s = summarize(JobOutput(str(out)), make_plan(absolute_uris(parse_manifest(yaml.safe_load(m.read_text())))),
+                  {}, {0}, RunStats())
+    assert not s.complete and s.committed == 1 and [x.kind for x in s.missing] == ["not_committed", "not_run"]
+    assert "stats/00000.json is not in" in s.missing[0].why and "same output.uri" in s.missing[0].why
 
 
 def test_workers_that_keep_dying_fail_the_remaining_shards(tmp_path, ray_cluster):
@@ -197,8 +243,14 @@ def test_killed_driver_then_rerun_gives_every_row_once(tmp_path, ray_cluster):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(m), "--address", ray_cluster],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    stats = tmp_path / "out" / "stats"
+    stats, lease = tmp_path / "out" / "stats", tmp_path / "out" / "lease.json"
     deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not lease.exists():
+        time.sleep(0.05)
+    for extra in ([], ["--force", "--set", "input.rows_per_shard=2"]):  # beside the live run: refused
+        r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, *extra])
+        assert r.exit_code == 2 and f":{proc.pid} (run " in r.output and "until" in r.output, r.output
+    assert proc.poll() is None, "the first run should still be running"
     while time.time() < deadline and proc.poll() is None and not (stats.exists() and any(stats.iterdir())):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -209,6 +261,41 @@ def test_killed_driver_then_rerun_gives_every_row_once(tmp_path, ray_cluster):
     assert result.ok and result.summary.run.shards_run <= 8 - committed
     rows = output_rows(tmp_path / "out")
     assert sorted(r["id"] for r in rows) == ids  # every row exactly once
+
+
+def test_input_changed_mid_run_fails_its_shards_as_data_errors(tmp_path, ray_cluster):
+    ids = write_inputs(tmp_path / "in", n_files=1, rows=12)
+    planned = (tmp_path / "in" / "part-0.parquet").read_bytes()
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(spec(tmp_path, workers={"max_retries": 2})))
+    res = {}
+    run = threading.Thread(target=lambda: res.update(r=CliRunner().invoke(main, ["run", str(m), "--address",
+                                                                                  ray_cluster])))
+    run.start()
+    stats, deadline = tmp_path / "out" / "stats", time.time() + 120
+    while time.time() < deadline and not (stats.exists() and any(stats.iterdir())):
+        time.sleep(0.01)
+    write_inputs(tmp_path / "in", n_files=1, rows=5)  # rewritten after the first commit
+    run.join()
+    r = res["r"]
+    assert r.exit_code == 1, r.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    data = [x["shard"] for x in summary["missing"]]
+    assert data and all(x["kind"] == "data" for x in summary["missing"]) and summary["committed"] + len(data) == 4
+    for k in data:  # named, told to fix the input, never retried
+        assert f"shard {k:05d} has bad input: input file {tmp_path}/in/part-0.parquet changed since" in r.output
+        logs = tmp_path / "out" / "logs"
+        assert (logs / f"{k:05d}-attempt0.txt").exists() and not (logs / f"{k:05d}-attempt1.txt").exists()
+    assert r.output.strip().splitlines()[-1] == (f"incomplete: {len(data)} of 4 shards missing; fix the input named "
+                                                 "above, then rerun the same command")
+    rows = output_rows(tmp_path / "out")
+    assert len(rows) == 3 * summary["committed"] and {r["id"] for r in rows} <= set(ids)  # nothing from the new file
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
+    assert r.exit_code == 2 and "the input" in r.output, r.output  # the changed file is refused at planning
+    (tmp_path / "in" / "part-0.parquet").write_bytes(planned)  # the input fixed: the rerun finishes the job
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
+    assert r.exit_code == 0 and f"this run {len(data)} shards" in r.output, r.output
+    assert sorted(r["id"] for r in output_rows(tmp_path / "out")) == ids
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +335,25 @@ def test_s3_job_end_to_end(tmp_path, ray_cluster, s3):
     job = fs.cat("fdl-bucket/runs/a/job.json").decode()
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in job and "${AWS_SECRET_ACCESS_KEY}" in job
 
-    fs.rm("fdl-bucket/runs/a/stats/00001.json")
+    assert not fs.exists("fdl-bucket/runs/a/lease.json")
+
+    damaged = bytearray(fs.cat("fdl-bucket/runs/a/shards/00001.parquet"))
+    damaged[len(damaged) // 2] ^= 0x01
+    fs.pipe("fdl-bucket/runs/a/shards/00001.parquet", bytes(damaged))
+    status = ["status", "s3://fdl-bucket/runs/a", "-o", f"endpoint_url={endpoint}"]
+    r = CliRunner().invoke(main, status)
+    assert r.exit_code == 0 and "3/4 shards committed, 0 pending, 0 failed, 1 damaged" in r.output, r.output
+    other = Lease(JobOutput("s3://fdl-bucket/runs/a", opts), ttl_s=60)
+    other.acquire()
+    try:
+        with pytest.raises(InvalidJob, match=f"in use by another run: lease held by {other.me.holder}"):
+            run_job(m, address=ray_cluster)
+        assert "running: lease held by" in CliRunner().invoke(main, status).output
+    finally:
+        other.release()
     result = run_job(m, address=ray_cluster)
     assert result.ok and result.summary.run.shards_run == 1 and result.summary.committed == 4
-    r = CliRunner().invoke(main, ["status", "s3://fdl-bucket/runs/a", "-o", f"endpoint_url={endpoint}"])
+    r = CliRunner().invoke(main, status)
     assert r.exit_code == 0 and "4/4 shards committed" in r.output, r.output
 
     with pytest.raises(InvalidJob, match="does not exist"):
