@@ -90,7 +90,8 @@ def test_local_job_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
     assert job["manifest"]["workers"]["count"] == 2 and len(job["plan"]["shards"]) == 4
     assert job["plan"]["fingerprint"] and job["versions"]["fastdllm"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["committed"] == 4 and summary["complete"] and summary["missing"] == [] and summary["totals"]["rows"] == len(ids)
+    assert summary["committed"] == 4 and summary["complete"] and summary["missing"] == []
+    assert summary["totals"]["rows"] == len(ids)
     assert summary["totals"]["generated_tokens"] == sum(r["n_tokens"] for r in rows)
     assert not (out / "lease.json").exists()  # released at the end
 
@@ -148,7 +149,8 @@ def test_changed_config_or_input_refused_unless_forced(tmp_path, ray_cluster):
         for extra in ([], ["--force", "--set", "input.rows_per_shard=1"]):
             r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, *extra])
             assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-            assert f"in use by another run: lease held by {other.me.holder} (run {other.me.run_id[:8]}) until" in r.output
+            held = f"in use by another run: lease held by {other.me.holder} (run {other.me.run_id[:8]}) until"
+            assert held in r.output, r.output
     finally:
         other.release()
     assert mtimes(out) == before and len(list((out / "shards").iterdir())) == 1  # --force deleted nothing
@@ -210,7 +212,8 @@ def test_shard_that_keeps_failing_is_reported_exit_1_with_relative_paths(tmp_pat
     out = tmp_path / "out"
     assert (out / "logs" / "00002-attempt0.txt").exists() and (out / "logs" / "00002-attempt1.txt").exists()
     job = json.loads((out / "job.json").read_text())
-    assert job["manifest"]["output"]["uri"] == str(out) and job["manifest"]["input"]["uri"] == f"{tmp_path}/in/*.parquet"
+    assert job["manifest"]["output"]["uri"] == str(out)
+    assert job["manifest"]["input"]["uri"] == f"{tmp_path}/in/*.parquet"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["committed"] == 2 and [(f["shard"], f["kind"]) for f in summary["missing"]] == [(2, "failed")]
     assert sorted(r["id"] for r in output_rows(out)) == ids[:6]

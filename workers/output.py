@@ -76,7 +76,8 @@ class ShardRecord:
     finished_at: str = ""
 
     def to_dict(self) -> dict:
-        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("shard", "stats", "file")}
+        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("shard", "stats", "file")}
         return {"shard": self.shard, **self.stats.to_dict(), **meta, "file": dataclasses.asdict(self.file)}
 
     @classmethod
