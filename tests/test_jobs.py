@@ -301,6 +301,33 @@ def test_input_changed_mid_run_fails_its_shards_as_data_errors(tmp_path, ray_clu
     assert sorted(r["id"] for r in output_rows(tmp_path / "out")) == ids
 
 
+def test_a_run_whose_lease_is_taken_stops_and_leaves_the_output_to_the_new_holder(tmp_path, ray_cluster):
+    ids = write_inputs(tmp_path / "in", n_files=1, rows=12)
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(spec(tmp_path, output={"lease_s": 0.4})))  # renewed (and checked) every 0.1 s
+    res = {}
+    run = threading.Thread(target=lambda: res.update(r=CliRunner().invoke(main, ["run", str(m), "--address",
+                                                                                  ray_cluster])))
+    run.start()
+    out = tmp_path / "out"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "stats").exists() and any((out / "stats").iterdir())):
+        time.sleep(0.01)
+    thief = {"holder": "thief:1", "run_id": "f" * 32, "expires_at": "2999-01-01T00:00:00+00:00"}
+    (out / "lease.json").write_text(json.dumps(thief))  # a run that took over, e.g. after this one stalled
+    run.join()
+    r = res["r"]
+    assert r.exit_code == 1 and "error: the lease on" in r.output and "taken over by thief:1" in r.output, r.output
+    assert "not finished: the lease" in r.output and not (out / "summary.json").exists()
+    assert json.loads((out / "lease.json").read_text())["holder"] == "thief:1"  # left to its holder
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
+    assert r.exit_code == 2 and "lease held by thief:1" in r.output, r.output
+    (out / "lease.json").unlink()  # the other run ended
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
+    assert r.exit_code == 0, r.output
+    assert sorted(r["id"] for r in output_rows(out)) == ids
+
+
 @pytest.fixture(scope="module")
 def s3(ray_cluster):
     """A real S3-compatible server on 127.0.0.1 (moto server mode) and an s3fs filesystem for it."""
