@@ -66,9 +66,10 @@ def run(manifest, overrides, address, force, progress, verbose):
             click.echo(missing.line(), err=True)
         if result.problem:
             click.echo(f"error: {result.problem}", err=True)
-        todo = ("fix the input named above, then rerun the same command" if any(x.kind == "data" for x in s.missing)
-                else "rerun the same command to compute them")
-        click.echo(f"incomplete: {len(s.missing)} of {s.shards} shards missing; {todo}", err=True)
+        if s.missing:
+            todo = ("fix the input named above, then rerun the same command" if any(x.kind == "data" for x in s.missing)
+                    else "rerun the same command to compute them")
+            click.echo(f"incomplete: {len(s.missing)} of {s.shards} shards missing; {todo}", err=True)
         sys.exit(1)
 
 
