@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import fastdllm
 from workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard, ShardDataError,
-                     ShardStats, ShardWorker, WorkerSettings)
+                     ShardRecord, ShardStats, ShardWorker, WorkerSettings)
 from workers.output import now
 from workers.storage import redact
 
@@ -146,11 +146,12 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
         raise InvalidJob(f"output.uri {m.output.uri} is not writable: {type(e).__name__}: {e}") from None
 
 
-def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], reported: set[int], run: RunStats
-              ) -> JobSummary:
-    """Verify every planned shard in the output (never trusting what workers said) and say why each one that
-    does not verify is missing."""
-    scan = out.scan({s.index: s.rows for s in plan.shards})
+def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], reported: set[int], run: RunStats,
+              verified: dict[int, ShardRecord] | None = None) -> JobSummary:
+    """Verify every planned shard in the output (never trusting what workers said; `verified`: records this run
+    already checked, whose data files are then checked by size) and say why each one that is not there is
+    missing."""
+    scan = out.scan({s.index: s.rows for s in plan.shards}, known=verified)
     missing = []
     for s in plan.shards:
         if s.index in scan.committed:
@@ -199,7 +200,7 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
         if pending:
             tokens, failed, reported = _run_shards(m, pending, address, progress, out, lambda: lease.lost)
         run = RunStats(shards_run=len(pending), generated_tokens=tokens, wall_seconds=time.perf_counter() - t0)
-        summary = summarize(out, plan, failed, reported, run)
+        summary = summarize(out, plan, failed, reported, run, verified=done)
         if lease.lost:  # another run owns the output now: its summary is not ours to write
             return JobResult(m.output.uri, summary, lease.lost)
         try:

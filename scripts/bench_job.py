@@ -116,7 +116,7 @@ def main():
 
     decode = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.gen_length}
     cfg = fastdllm.DecodeConfig.from_dict(decode)
-    ray.init(num_cpus=args.threads, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, configure_logging=False, log_to_driver=False)
     d_tps, a_tps, r_runs = [], [], []
     try:
         with tempfile.TemporaryDirectory() as tmp:

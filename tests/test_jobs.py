@@ -32,13 +32,14 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "fdl-test-key", "AWS_SECRET_ACCESS_KEY": "fdl-tes
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for the module; workers inherit the S3 test credentials from this process's environment."""
+    """One local Ray for the module (its own, never a cluster some `ray start` left on the machine); workers
+    inherit the S3 test credentials from this process's environment."""
     import ray
 
     os.environ.update(S3_ENV)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
@@ -229,6 +230,9 @@ def test_shard_that_keeps_failing_is_reported_exit_1_with_relative_paths(tmp_pat
                   {}, {0}, RunStats())
     assert not s.complete and s.committed == 1 and [x.kind for x in s.missing] == ["not_committed", "not_run"]
     assert "stats/00000.json is not in" in s.missing[0].why and "same output.uri" in s.missing[0].why
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--set", "faults.error={}"])
+    assert r.exit_code == 0 and "3/3 shards committed" in r.output and "this run 2 shards" in r.output, r.output
+    assert sorted(r["id"] for r in output_rows(out)) == ids
 
 
 def test_workers_that_keep_dying_fail_the_remaining_shards(tmp_path, ray_cluster):

@@ -138,6 +138,11 @@ def test_scan_verifies_data_files_and_ignores_shards_outside_the_plan(tmp_path, 
     assert full.damaged[0] == f"shards/00000.parquet is {len(data) // 2} bytes, its marker records {len(data)}"
     assert "checksum" in full.damaged[1] and "is missing" in full.damaged[2] and "plan has 5" in full.damaged[4]
     assert "ignoring" in caplog.text and "stats/00004.json: not a shard of this job's plan (4 shards)" in caplog.text
+    flipped = bytearray((shards / "00003.parquet").read_bytes())
+    flipped[10] ^= 0x01
+    (shards / "00003.parquet").write_bytes(bytes(flipped))
+    assert set(out.scan(planned, known=full.committed).committed) == {3}  # verified before: checked by size
+    assert set(out.scan(planned).committed) == set()
 
 
 def lease_file(out: JobOutput, holder: str, expires: datetime) -> None:

@@ -325,11 +325,13 @@ class JobOutput:
             return {}
         return {self._rel(p): info.get("size") for p, info in found.items()}
 
-    def scan(self, planned: Mapping[int, int], verify: bool = True) -> Scan:
+    def scan(self, planned: Mapping[int, int], verify: bool = True,
+             known: Mapping[int, ShardRecord] | None = None) -> Scan:
         """The commit markers, checked: a marker counts only for a shard in the plan ({shard: rows}), when it
         parses, records the planned row count, and its data file exists with the recorded size (one listing);
-        with `verify`, also the recorded crc32 (reads every data file). Anything else is logged with the file it
-        concerns and leaves the shard uncommitted (a run recomputes it); markers outside the plan are ignored."""
+        with `verify`, also the recorded crc32 (reads every data file, except those of `known`: records an
+        earlier scan verified, still the same). Anything else is logged with the file it concerns and leaves the
+        shard uncommitted (a run recomputes it); markers outside the plan are ignored."""
         self.fs.invalidate_cache()
         markers = sorted(r for r in self._listing("stats") if r.endswith(".json"))
         records: dict[int, ShardRecord] = {}
@@ -362,7 +364,7 @@ class JobOutput:
             elif size != rec.file.size:
                 damaged[shard] = f"{rec.file.path} is {size} bytes, its marker records {rec.file.size}"
         if verify:
-            ok = [rec.file.path for s, rec in records.items() if s not in damaged]
+            ok = [rec.file.path for s, rec in records.items() if s not in damaged and (known or {}).get(s) != rec]
             for rel, data in self._cat(ok).items():
                 shard = int(rel.rsplit("/", 1)[-1].split(".")[0])
                 if isinstance(data, Exception):
