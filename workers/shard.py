@@ -98,21 +98,31 @@ def seed_id(row_id) -> int:
     return int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _check_pinned(shard: Shard, f, pf: pq.ParquetFile) -> None:
-    """ShardDataError when the open input file is not the one planned (size, footer hash, row count)."""
+def _num_rows(f) -> int | None:
+    try:
+        return pq.ParquetFile(f, pre_buffer=False).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return None
+
+
+def _check_pinned(shard: Shard, f) -> None:
+    """ShardDataError when the open input file is not the one planned: its size, else its footer (which holds
+    the row count and the schema), differs. Checked before Parquet parses anything, so a file caught half
+    rewritten is reported as changed too."""
     size = f.size if getattr(f, "size", None) is not None else f.seek(0, 2)
-    now = []
+    why = None
     if shard.file_size is not None and size != shard.file_size:
-        now.append(f"{shard.file_size} -> {size} bytes")
-    if shard.file_rows is not None and pf.metadata.num_rows != shard.file_rows:
-        now.append(f"{shard.file_rows} -> {pf.metadata.num_rows} rows")
-    if not now and shard.footer_sha256 is not None:
+        why = f"{shard.file_size} -> {size} bytes"
+        rows = _num_rows(f)
+        if rows is not None and rows != shard.file_rows:
+            why += f", {shard.file_rows} -> {rows} rows"
+    elif shard.footer_sha256 is not None:
         footer = parquet_footer(f, size)
         if footer is None or hashlib.sha256(footer).hexdigest() != shard.footer_sha256:
-            now.append("its Parquet footer differs")
-    if now:
-        raise ShardDataError(f"input file {shard.file} changed since the job was planned ({', '.join(now)}); fix "
-                             "the input: restore the planned file, or rerun with --force to plan the new input")
+            why = "its Parquet footer differs"
+    if why:
+        raise ShardDataError(f"input file {shard.file} changed since the job was planned ({why}); fix the input: "
+                             "restore the planned file, or rerun with --force to plan the new input")
 
 
 def read_shard_rows(shard: Shard, columns: list[str], storage_options: dict | None = None) -> pa.Table:
@@ -120,9 +130,9 @@ def read_shard_rows(shard: Shard, columns: list[str], storage_options: dict | No
     planned one, and its values must decode: otherwise ShardDataError."""
     fs, path = filesystem(shard.file, storage_options)
     with fs.open(path, "rb") as f:
+        _check_pinned(shard, f)
         try:
             pf = pq.ParquetFile(f, pre_buffer=False)  # no background reads: see jobs/plan.py
-            _check_pinned(shard, f, pf)
             groups, offset, first = [], 0, None
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
