@@ -233,7 +233,7 @@ class JobOutput:
         whole or not at all) whose size is then read back. A failure (a full disk...) leaves the old content."""
         path = self.path(rel)
         if isinstance(self.fs, LocalFileSystem):
-            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # no data-file suffix: globs of shards/*.parquet skip it
             try:
                 with self.fs.open(tmp, "wb") as f:
@@ -382,8 +382,10 @@ class JobOutput:
         self.fs.invalidate_cache()
         try:
             d = self._read_json(LEASE)
-            return None if d is None else LeaseInfo(holder=d["holder"], run_id=d["run_id"],
-                                                    expires_at=d["expires_at"])
+            if d is None:
+                return None
+            datetime.fromisoformat(d["expires_at"])  # a malformed expiry: unreadable, like malformed JSON
+            return LeaseInfo(holder=str(d["holder"]), run_id=str(d["run_id"]), expires_at=d["expires_at"])
         except (ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable lease %s/%s: %s", self.uri, LEASE, e)
             return None
