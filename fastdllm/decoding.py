@@ -1,10 +1,11 @@
-"""Block-wise, cached, confidence-parallel diffusion decoding over real batches.
+"""Block-wise, cached, confidence-parallel diffusion decoding with continuous batching.
 
-One `generate()` serves every cache mode. A batch of mixed-length prompts is left-padded to its longest prompt;
-pad keys are masked out and RoPE positions count from each row's first real token, so a row decodes exactly as it
-would alone. Blocks are decoded in lock-step across the batch: within a block each row commits on its own
-schedule and stops taking part (and counting NFE) once its block is full; rows that hit a stop token leave the
-batch at the next block boundary, where the full refresh forward makes compaction free.
+One `generate()` serves every cache mode (the policies of fastdllm/policies.py). It keeps up to `max_batch_size`
+rows in flight; each row walks its own blocks (the step after its block has no masks left is its next block's
+refresh) and a row that is done leaves at once, its slot going to the next waiting prompt. A step reads:
+admit rows -> forward (the policy's, one per kind of row) -> propose -> commit -> retire. Prompts are left-padded
+to the longest one; pad keys are masked out and RoPE positions count from each row's first real token, so a row
+decodes exactly as it would alone (DESIGN.md, "Decoding semantics").
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from .dllm_cache import FeatureCache
-from .models.common import DiffusionLM, KVCache, key_mask_from, positions_from_mask
+from .models.common import DiffusionLM
+from .policies import CACHE_POLICIES
+from .rows import Rows, Waiting
 from .rules import RULES, quota_schedule, select
 
-CACHE_MODES = ("none", "prefix", "dual", "dllm")
+CACHE_MODES = tuple(CACHE_POLICIES)
 REMASKING = ("low_confidence", "random")
+# The proposal step works on chunks of rows holding at most this many (position x vocabulary) entries, so its
+# float64 temporaries stay bounded (about 32 MiB each) at any batch size and vocabulary (LLaDA: 126k).
+PROPOSE_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(kw_only=True)
@@ -31,7 +37,7 @@ class DecodeConfig:
     gen_length: int = 256
     block_length: int = 32
     steps: int = 256  # total steps for the quota rule; steps / num_blocks per block
-    cache: str = "dual"  # none | prefix | dual | dllm
+    cache: str = "dual"  # a name in fastdllm.policies.CACHE_POLICIES: none | prefix | dual | dllm
     rule: str = "threshold"  # quota | threshold | factor | frechet
     threshold: float = 0.9
     factor: float = 1.0
@@ -145,31 +151,44 @@ def check_prompts(prompts, model: DiffusionLM, gen_length: int) -> list[list[int
     return out
 
 
-def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], mask_id: int, block_length: int,
-             select: torch.Tensor | None):
-    """Proposed tokens x0 and their confidences (float64). logits: (B, L, V) for the block's positions, or for
-    the L positions `select` (B, L) indexes.
+def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, mask_id: int, block_length: int, select: torch.Tensor,
+             chunk_elements: int = PROPOSE_CHUNK_ELEMENTS):
+    """Proposed tokens x0 (B, M) and their confidences (float64) from logits (B, M, V) for the M positions of each
+    row's block that `select` (B, M) indexes. Rows are taken in chunks of at most `chunk_elements` draws or logits,
+    so no float64 (rows x positions x vocabulary) tensor is ever held at once.
 
     The mask token itself is never proposed (committing it would leave the position masked forever); its
     probability still counts in the softmax that gives the confidence."""
-    B, L, V = logits.shape
-    log_z = torch.logsumexp(logits.double(), dim=-1) if cfg.remasking == "low_confidence" else None  # (B, L)
+    B, M, V = logits.shape
+    per_row = max(M, block_length if gens is not None else 0) * (V + 1)
+    step = max(1, chunk_elements // per_row)
+    x0 = torch.empty((B, M), dtype=torch.long, device=logits.device)
+    conf = torch.empty((B, M), dtype=torch.float64, device=logits.device)
+    for a in range(0, B, step):
+        b = min(B, a + step)
+        x0[a:b], conf[a:b] = _propose_rows(logits[a:b], cfg, None if gens is None else gens[a:b], mask_id,
+                                           block_length, select[a:b])
+    return x0, conf
+
+
+def _propose_rows(logits: torch.Tensor, cfg: DecodeConfig, gens, mask_id: int, block_length: int,
+                  select: torch.Tensor):
+    """`_propose` for one chunk of rows."""
+    V = logits.shape[-1]
+    log_z = torch.logsumexp(logits.double(), dim=-1) if cfg.remasking == "low_confidence" else None  # (b, M)
     logits[..., mask_id] = -float("inf")  # in place: the caller's logits are not used again
-    if cfg.temperature > 0 or cfg.remasking == "random":
-        # Each row draws from its own generator, for the whole block, and only while it takes part, so its
-        # stream does not depend on the batch.
-        draws = [torch.rand((block_length, V + 1) if cfg.temperature > 0 else (block_length, 1), generator=g,
-                            device=logits.device, dtype=torch.float64) if a else None for g, a in zip(gens, active)]
-        filler = next(d for d in draws if d is not None)
-        u = torch.stack([d if d is not None else torch.ones_like(filler) for d in draws])  # (B, bl, V + 1 or 1)
-        if select is not None:
-            u = u.gather(1, select[..., None].expand(-1, -1, u.shape[-1]))  # (B, L, V + 1 or 1)
+    if gens is not None:
+        # Each row draws from its own generator, for its whole block, at every step it takes part in, so its
+        # stream does not depend on the batch or on when it joined.
+        u = torch.stack([torch.rand((block_length, V + 1) if cfg.temperature > 0 else (block_length, 1), generator=g,
+                                    device=logits.device, dtype=torch.float64) for g in gens])  # (b, bl, V + 1 or 1)
+        u = u.gather(1, select[..., None].expand(-1, -1, u.shape[-1]))  # (b, M, V + 1 or 1)
     if cfg.temperature > 0:
         # argmax of exp(logits) / (-log u)^T, in log space: logits - T * log(-log u)
         gumbel = u[..., :V].clamp_min(1e-300)
         x0 = (logits.double() - cfg.temperature * torch.log(-torch.log(gumbel))).argmax(-1)
     else:
-        x0 = logits.argmax(-1)  # (B, L)
+        x0 = logits.argmax(-1)  # (b, M)
     if cfg.remasking == "random":
         conf = u[..., -1]
     else:
@@ -179,129 +198,119 @@ def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, active: list[bool], 
 
 @torch.inference_mode()
 def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *, row_ids=None,
-             max_blocks: int | None = None) -> GenerateOutput:
-    """Decode a batch of prompts (lists of token ids, any lengths). `row_ids` (ints) seed per-row noise; by
-    default a row's id is its index. `max_blocks` (benchmarks) decodes only the first blocks of the full-length
-    problem; the tokens of the blocks not decoded are left out."""
+             max_batch_size: int | None = None, max_blocks: int | None = None) -> GenerateOutput:
+    """Decode prompts (lists of token ids, any lengths, any number) with at most `max_batch_size` rows in flight
+    (None: all of them); outputs keep the input order. `row_ids` (ints) seed per-row noise; by default a row's id
+    is its index. `max_blocks` (benchmarks) decodes only the first blocks of the full-length problem; the tokens
+    of the blocks not decoded are left out."""
     cfg = config or DecodeConfig()
     mc = model.config
     prompts = check_prompts(prompts, model, cfg.gen_length)
+    N = len(prompts)
+    row_ids = list(range(N)) if row_ids is None else [int(r) for r in row_ids]
+    if len(row_ids) != N:
+        raise ValueError(f"row_ids has {len(row_ids)} entries for {N} prompts")
+    if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                       or max_batch_size < 1):
+        raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
     t0 = time.perf_counter()
     dev = model.device
-    B, G, bl = len(prompts), cfg.gen_length, cfg.block_length
+    bl = cfg.block_length
     P = max(len(p) for p in prompts)
-    T = P + G
     mask_id = mc.mask_token_id
-    pad_id = mc.pad_token_id if mc.pad_token_id is not None else mask_id
-
-    x = torch.full((B, T), mask_id, dtype=torch.long)
-    valid = torch.zeros((B, T), dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        x[b, : P - len(p)] = pad_id
-        x[b, P - len(p) : P] = torch.tensor(p)
-        valid[b, P - len(p) :] = True
-    x, valid = x.to(dev), valid.to(dev)
-    positions = positions_from_mask(valid)  # (B, T)
-    key_mask = key_mask_from(valid)  # (B, 1, 1, T) or None
+    rows = Rows(N if max_batch_size is None else min(N, max_batch_size), P, cfg.gen_length, bl, mask_id,
+                mc.pad_token_id if mc.pad_token_id is not None else mask_id, dev)
+    policy = CACHE_POLICIES[cfg.cache](model, cfg, rows.slots, P)
     stop_ids = torch.tensor(cfg.stop_token_ids if cfg.stop_token_ids is not None else mc.stop_token_ids,
                             dtype=torch.long, device=dev)
     stop = cfg.stop_at_eos and stop_ids.numel() > 0
+    sampling = cfg.temperature > 0 or cfg.remasking == "random"
+    waiting = deque(Waiting(i, p, r) for i, (p, r) in enumerate(zip(prompts, row_ids)))
 
-    row_ids = list(range(B)) if row_ids is None else [int(r) for r in row_ids]
-    if len(row_ids) != B:
-        raise ValueError(f"row_ids has {len(row_ids)} entries for {B} prompts")
-    gens = None
-    if cfg.temperature > 0 or cfg.remasking == "random":
-        gens = [torch.Generator(device=dev).manual_seed(row_seed(cfg.seed, r)) for r in row_ids]
-    shift = mc.logit_shift
-    cache = KVCache.allocate(mc, B, T, dev, model.dtype) if cfg.cache in ("prefix", "dual") else None
-    features = None
-    if cfg.cache == "dllm":
-        features = FeatureCache(model, B, T, P - shift, prompt_interval=cfg.prompt_interval,
-                                response_interval=cfg.response_interval, adaptive_ratio=cfg.adaptive_ratio)
+    def take(k: int) -> list[Waiting]:
+        joined = [waiting.popleft() for _ in range(min(k, len(waiting)))]
+        for w in joined:  # a row's generator starts when it joins: seeded by (seed, row id) only
+            w.generator = torch.Generator(device=dev).manual_seed(row_seed(cfg.seed, w.row_id)) if sampling else None
+        return joined
+
     schedule = quota_schedule(bl, cfg.steps // cfg.num_blocks)
     rule_params = dict(threshold=cfg.threshold, factor=cfg.factor, frechet_margin=cfg.frechet_margin)
-
-    out = x[:, P:].clone()  # (B, G) final tokens by original row
-    nfe_out = torch.zeros(B, dtype=torch.long, device=dev)
-    live = torch.arange(B, device=dev)  # original index of each live row
-    nfe = torch.zeros(B, dtype=torch.long, device=dev)
-    forwards, flops = 0, 0
     n_blocks = cfg.num_blocks if max_blocks is None else max(1, min(max_blocks, cfg.num_blocks))
-    for k in range(n_blocks):
-        s, e = P + k * bl, P + (k + 1) * bl
-        active = [True] * x.shape[0]
-        active_t = torch.ones(x.shape[0], dtype=torch.bool, device=dev)
-        n_masked = bl  # the most masked positions any row has left in this block
-        step = 0
-        while True:
-            block = x[:, s:e]
-            candidates = block == mask_id  # (B, bl)
-            sel = None  # logits only for the masked positions: (B, n_masked) indices, masked ones first
-            if n_masked < bl:
-                sel = (~candidates).to(torch.uint8).argsort(dim=-1, stable=True)[:, :n_masked]
-            if features is not None:  # dLLM-Cache: refresh on its own intervals, else adaptive partial update
-                logits, f = features.forward(model, x, positions, key_mask, active, s, e, sel)
-                flops += f
-            else:
-                if step == 0 or cfg.cache == "none":  # full forward; refreshes every cached position
-                    q0, q1 = 0, T
-                elif cfg.cache == "prefix":  # [s, T) over the cached prefix
-                    q0, q1 = s - shift, T
-                else:  # dual: the block alone over the cached prefix and suffix
-                    q0, q1 = s - shift, e
-                logits = model.logits_for(x, positions, key_mask, cache, q0, q1, s, e, sel)  # (B, n_masked, V)
-                flops += x.shape[0] * (model.forward_flops(q1 - q0, T) + 2 * n_masked * mc.d_model * mc.vocab_size)
-            forwards += 1
-            nfe += active_t
-            x0, conf = _propose(logits, cfg, gens, active, mask_id, bl, sel)
-            quota = schedule[min(step, len(schedule) - 1)]
-            if sel is None:
-                commit = select(conf, candidates, cfg.rule, quota=quota, **rule_params)
-            else:
-                commit_sel = select(conf, candidates.gather(1, sel), cfg.rule, quota=quota, **rule_params)
-                commit = torch.zeros_like(candidates).scatter(1, sel, commit_sel)
-                x0 = block.scatter(1, sel, x0)
-            x[:, s:e] = torch.where(commit, x0, block)
-            step += 1
-            left = (x[:, s:e] == mask_id).sum(-1)
-            left_host = left.tolist()  # the one host sync of a step: how many masks each row has left here
-            n_masked = max(left_host)
-            if n_masked == 0:
-                break
-            active_t = left > 0
-            active = [n > 0 for n in left_host]
-        if stop and k + 1 < n_blocks:
-            finished = torch.isin(x[:, P:e], stop_ids).any(-1)
-            if bool(finished.any()):
-                out[live[finished]] = x[finished, P:]
-                nfe_out[live[finished]] = nfe[finished]
-                keep = ~finished
-                keep_host = keep.tolist()
-                x, positions, valid, live, nfe = x[keep], positions[keep], valid[keep], live[keep], nfe[keep]
-                key_mask = key_mask_from(valid)
-                if gens is not None:
-                    gens = [g for g, kk in zip(gens, keep_host) if kk]
-                if x.shape[0] == 0:
-                    break
-                if cache is not None:
-                    cache = cache.first_rows(x.shape[0])  # refreshed by the next block's full forward
-                if features is not None:
-                    features.keep(keep, keep_host)
-    if x.shape[0]:
-        out[live] = x[:, P:]
-        nfe_out[live] = nfe
+    out_tokens: list[list[int]] = [[] for _ in range(N)]
+    nfe_out = [0] * N
+    forwards = row_forwards = flops = 0
+    offsets = torch.arange(bl, device=dev)
+
+    policy.admit(rows.add(take(rows.slots), []))
+    while rows.n:
+        # forward: the policy runs the step for every row in flight, one forward per kind of row
+        n = rows.n
+        starts = rows.block_starts()  # (n,)
+        idx = starts[:, None] + offsets  # (n, bl) positions of each row's block
+        block = rows.x[:n].gather(1, idx)  # (n, bl)
+        candidates = block == mask_id
+        n_masked = max(rows.left)  # logits only for the masked positions: (n, n_masked) indices, masked first
+        if n_masked == bl:
+            sel = offsets.expand(n, -1)
+        else:
+            sel = (~candidates).to(torch.uint8).argsort(dim=-1, stable=True)[:, :n_masked]
+        step = policy.forward(model, rows, starts, sel)
+        forwards += len(step.batches)
+        row_forwards += sum(step.batches)
+        flops += step.flops
+
+        # propose and commit, each row on its own schedule
+        x0, conf = _propose(step.logits, cfg, rows.generators[:n] if sampling else None, mask_id, bl, sel)
+        quota = 1
+        if cfg.rule == "quota":
+            quota = torch.tensor([schedule[min(k, len(schedule) - 1)] for k in rows.step], device=dev)
+        commit_sel = select(conf, candidates.gather(1, sel), cfg.rule, quota=quota, **rule_params)
+        commit = torch.zeros_like(candidates).scatter(1, sel, commit_sel)
+        block = torch.where(commit, block.scatter(1, sel, x0), block)  # (n, bl)
+        rows.x[:n].scatter_(1, idx, block)
+
+        # retire: the one host sync of a step, how many masks each row has left and whether it holds a stop token
+        left = (block == mask_id).sum(-1)
+        if stop:
+            hit = torch.isin(rows.x[:n, P:], stop_ids).any(-1)
+            left_host, hit_host = torch.stack((left, hit.long())).tolist()
+        else:
+            left_host, hit_host = left.tolist(), [0] * n
+        finished = []
+        for i in range(n):
+            rows.nfe[i] += 1
+            rows.step[i] += 1
+            rows.left[i] = left_host[i]
+            if left_host[i]:
+                continue
+            if hit_host[i] or rows.block[i] + 1 == n_blocks:
+                finished.append(i)
+            else:  # its next step is the next block's refresh
+                rows.block[i], rows.step[i], rows.left[i] = rows.block[i] + 1, 0, bl
+        if not finished:
+            continue
+        done = rows.x[torch.tensor(finished, device=dev), P : P + n_blocks * bl].tolist()
+        for i, toks in zip(finished, done):
+            out_tokens[rows.index[i]], nfe_out[rows.index[i]] = toks, rows.nfe[i]
+        holes = list(finished)
+        joined = rows.add(take(len(holes)), holes)  # fills holes first; those left over are dropped
+        if holes:
+            src, dst = rows.drop(holes)
+            if src:
+                policy.move(src, dst)
+        policy.admit(joined)
 
     tokens, reasons = [], []
-    out_host, stop_set = out[:, : n_blocks * bl].tolist(), set(stop_ids.tolist())
-    for row in out_host:
+    stop_set = set(stop_ids.tolist())
+    for row in out_tokens:
         cut = next((i for i, t in enumerate(row) if t in stop_set), None) if stop else None
         tokens.append(row if cut is None else row[:cut])
         reasons.append("length" if cut is None else "stop")
     wall = time.perf_counter() - t0
     n_tok = sum(len(t) for t in tokens)
-    nfe_list = nfe_out.tolist()
-    stats = dict(rows=B, forward_passes=forwards, nfe=sum(nfe_list), generated_tokens=n_tok, wall_seconds=wall,
-                 tokens_per_second=n_tok / wall if wall > 0 else 0.0, prompt_tokens=sum(len(p) for p in prompts),
-                 padded_length=T, forward_flops=flops)
-    return GenerateOutput(tokens=tokens, nfe=nfe_list, finish_reasons=reasons, stats=stats)
+    nfe = sum(nfe_out)
+    stats = dict(rows=N, forward_passes=forwards, nfe=nfe, row_forwards=row_forwards,
+                 occupancy=nfe / row_forwards if row_forwards else 1.0, max_batch_size=rows.slots,
+                 generated_tokens=n_tok, wall_seconds=wall, tokens_per_second=n_tok / wall if wall > 0 else 0.0,
+                 prompt_tokens=sum(len(p) for p in prompts), padded_length=rows.T, forward_flops=flops)
+    return GenerateOutput(tokens=tokens, nfe=nfe_out, finish_reasons=reasons, stats=stats)

@@ -8,8 +8,9 @@ similarity), and recomputes queries, keys, attention and MLP only for the `adapt
 positions of each row; a layer's output is its input plus the cached attention and MLP outputs.
 
 The step counter is per row (the forwards the row took part in), so a row refreshes on its own schedule and its
-result does not depend on its batch. When some rows refresh a region and others do not, the region is computed
-for all rows and each row writes back only what its own schedule allows.
+result does not depend on its batch or on when it joined. When some rows refresh a region and others do not, the
+region is computed for all rows and each row writes back only what its own schedule allows. The buffers have one
+slot per row in flight; a forward of B rows uses the first B slots (generate() keeps the rows there).
 
 The response region starts at the first generated position, or one earlier for families with a logit shift
 (Dream reads position i's logits from the output at i - 1, so that output belongs with the response).
@@ -24,7 +25,8 @@ from .models.common import DiffusionLM, rope_tables
 
 
 class FeatureCache:
-    """Per-layer feature buffers for one generate() call and the per-row step counters."""
+    """Per-layer feature buffers (one slot per row in flight) for one generate() call and the per-row step
+    counters."""
 
     def __init__(self, model: DiffusionLM, batch: int, seq_len: int, response_start: int, *, prompt_interval: int,
                  response_interval: int, adaptive_ratio: float):
@@ -39,24 +41,33 @@ class FeatureCache:
         self.kp, self.kr, self.ratio = prompt_interval, response_interval, adaptive_ratio
         self.steps = [0] * B  # forwards each row took part in
 
-    def keep(self, keep: torch.Tensor, keep_host: list[bool]):
-        """Drop finished rows (their features are not needed any more)."""
-        self.k, self.v = self.k[:, keep], self.v[:, keep]
-        self.attn, self.mlp = self.attn[:, keep], self.mlp[:, keep]
-        self.steps = [s for s, k in zip(self.steps, keep_host) if k]
+    def reset(self, slots: list[int]):
+        """New rows joined in these slots: their first forward computes everything (step 0)."""
+        for i in slots:
+            self.steps[i] = 0
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor, src_host: list[int], dst_host: list[int]):
+        """Copy slots src into slots dst (compacting the rows in flight)."""
+        for buf in (self.k, self.v, self.attn, self.mlp):
+            buf.index_copy_(1, dst, buf.index_select(1, src))
+        for a, b in zip(src_host, dst_host):
+            self.steps[b] = self.steps[a]
 
     @torch.inference_mode()
-    def forward(self, model: DiffusionLM, x, positions, key_mask, active: list[bool], lo: int, hi: int,
+    def forward(self, model: DiffusionLM, x, positions, key_mask, active: list[bool], lo, hi: int | None,
                 select: torch.Tensor | None = None):
-        """One decoding step: aligned logits (B, hi - lo, V) for positions [lo, hi) (or the `select`ed ones, as in
-        `DiffusionLM.logits_for`) and the matmul FLOPs spent."""
+        """One decoding step of the rows in the first B slots: aligned logits (B, hi - lo, V) for positions
+        [lo, hi) (or the `select`ed ones, as in `DiffusionLM.output`: lo may be (B,) per-row block starts) and the
+        matmul FLOPs spent."""
         c = model.config
         B, T = x.shape
         dev = x.device
         r0 = self.r0
         G = T - r0  # response positions
-        refresh_p = [a and s % self.kp == 0 for a, s in zip(active, self.steps)]
-        refresh_r = [a and s % self.kr == 0 for a, s in zip(active, self.steps)]
+        kc, vc, ac, mc = (buf[:, :B] for buf in (self.k, self.v, self.attn, self.mlp))  # the rows' slots
+        steps = self.steps[:B]
+        refresh_p = [a and s % self.kp == 0 for a, s in zip(active, steps)]
+        refresh_r = [a and s % self.kr == 0 for a, s in zip(active, steps)]
         adaptive = [a and not r for a, r in zip(active, refresh_r)]
         n_pick = int(self.ratio * G) if any(adaptive) else 0
         t0 = 0 if any(refresh_p) else r0  # the positions whose residual stream this step carries: [t0, T)
@@ -79,10 +90,10 @@ class FeatureCache:
             if n_pick:
                 # fresh values of the whole response, compared with the cached ones
                 v_new = att.heads(att.v(n[:, P0:]))  # (B, Hkv, G, hd)
-                v_old = self.v[li, :, :, r0:]
+                v_old = vc[li, :, :, r0:]
                 sim = F.cosine_similarity(v_new.transpose(1, 2).flatten(2), v_old.transpose(1, 2).flatten(2), dim=-1)
                 picked = sim.topk(n_pick, dim=-1, largest=False).indices  # (B, n_pick) least similar
-                self.v[li, :, :, r0:] = torch.where(adaptive_t[:, None, None, None], v_new, v_old)
+                vc[li, :, :, r0:] = torch.where(adaptive_t[:, None, None, None], v_new, v_old)
                 pick_mask = torch.zeros((B, G), dtype=torch.bool, device=dev).scatter(1, picked, True)
                 w = write.clone()
                 w[:, P0:] |= pick_mask & adaptive_t[:, None]
@@ -96,21 +107,21 @@ class FeatureCache:
                 cq, sq = _rows(cos[:, 0], idx)[:, None], _rows(sin[:, 0], idx)[:, None]
                 wq = adaptive_t[:, None].expand_as(idx)
             else:  # nothing to recompute in this layer: reuse the cached outputs
-                h = h + self.attn[li, :, t0:] + self.mlp[li, :, t0:]
+                h = h + ac[li, :, t0:] + mc[li, :, t0:]
                 continue
             if full:
                 q, k, v = att.qkv(nq, cq, sq)
-                _store(self.v[li], 2, t0, idx, v, wq)
+                _store(vc[li], 2, t0, idx, v, wq)
             else:  # the values of every response position are fresh already
                 q, k = att.qk(nq, cq, sq)
-            _store(self.k[li], 2, t0, idx, k, wq)
-            a = att.attend(q, self.k[li], self.v[li], key_mask)  # (B, nq, d)
-            _store(self.attn[li], 1, t0, idx, a, wq)
+            _store(kc[li], 2, t0, idx, k, wq)
+            a = att.attend(q, kc[li], vc[li], key_mask)  # (B, nq, d)
+            _store(ac[li], 1, t0, idx, a, wq)
             m = layer.mlp(layer.mlp_norm(hq + a))
-            _store(self.mlp[li], 1, t0, idx, m, wq)
-            h = h + self.attn[li, :, t0:] + self.mlp[li, :, t0:]
+            _store(mc[li], 1, t0, idx, m, wq)
+            h = h + ac[li, :, t0:] + mc[li, :, t0:]
             flops += B * model.forward_flops(nq.shape[1], T, values=full) // c.n_layers
-        self.steps = [s + a for s, a in zip(self.steps, active)]
+        self.steps[:B] = [s + a for s, a in zip(steps, active)]
         n_out = hi - lo if select is None else select.shape[1]
         flops += B * 2 * n_out * c.d_model * c.vocab_size
         return model.output(h, t0, lo, hi, select), flops

@@ -19,14 +19,15 @@ def quota_schedule(masked: int, steps: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(steps)]
 
 
-def commit_counts(sorted_conf: torch.Tensor, n_cand: torch.Tensor, rule: str, *, quota: int = 1,
+def commit_counts(sorted_conf: torch.Tensor, n_cand: torch.Tensor, rule: str, *, quota: int | torch.Tensor = 1,
                   threshold: float = 0.9, factor: float = 1.0, frechet_margin: float = 0.25) -> torch.Tensor:
-    """How many of the most confident candidates each row commits (B,), from confidences sorted descending."""
+    """How many of the most confident candidates each row commits (B,), from confidences sorted descending.
+    `quota` is one count for every row or a (B,) tensor of per-row counts (rows at different steps of their blocks)."""
     B, L = sorted_conf.shape
     n = torch.arange(1, L + 1, device=sorted_conf.device)  # candidate count n for each sorted slot
     valid = n[None, :] <= n_cand[:, None]  # (B, L)
     if rule == "quota":
-        count = torch.full_like(n_cand, quota)
+        count = torch.as_tensor(quota, dtype=n_cand.dtype, device=n_cand.device).expand_as(n_cand)
     elif rule == "threshold":
         count = ((sorted_conf >= threshold) & valid).sum(-1)
     elif rule == "factor":

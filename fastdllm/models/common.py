@@ -55,22 +55,67 @@ class ModelConfig:
 
 
 class KVCache:
-    """Per-layer key/value buffers (n_layers, B, n_kv_heads, T, head_dim), written by index, never concatenated."""
+    """Per-layer key/value buffers (n_layers, slots, n_kv_heads, T, head_dim), written by index, never concatenated.
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+    A forward uses the cache through `update`: its queries' fresh keys/values go in at their positions and it attends
+    over the row's whole sequence. `for_rows` makes the view a forward over some slots uses (continuous batching:
+    rows at different steps share the buffers). A forward whose queries cover every position stores what it
+    computed (a refresh); any other forward of a subset of slots works on a copy of those slots, because decoding
+    rewrites a cached step's positions before it reads them again (see fastdllm/policies.py)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None,
+                 write: torch.Tensor | None = None):
         self.k, self.v = k, v
+        self.rows = rows  # (B,) slots the forward's rows use, or None: the first B slots
+        self.write = write  # (B, L) which queries' keys/values may be written, or None: all of them
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, seq_len: int, device, dtype) -> "KVCache":
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, seq_len, cfg.head_dim)
         return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
 
-    def first_rows(self, n: int) -> "KVCache":
-        """A view of the first n rows; valid after the caller moved the live rows there or refreshes them."""
-        return KVCache(self.k[:, :n], self.v[:, :n])
+    def for_rows(self, rows: torch.Tensor | None, write: torch.Tensor | None = None) -> "KVCache":
+        """The cache as a forward over slots `rows` (None: the first slots) sees it; `write` (B, L) masks the
+        queries whose keys/values must not replace the cached ones (their outputs are not used)."""
+        return KVCache(self.k, self.v, rows, write)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]
+    def move(self, src: torch.Tensor, dst: torch.Tensor):
+        """Copy slots src into slots dst (compacting the rows in flight)."""
+        self.k.index_copy_(1, dst, self.k.index_select(1, src))
+        self.v.index_copy_(1, dst, self.v.index_select(1, src))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put fresh keys/values k, v (B, Hkv, L, hd) of queries at [start, start + L) (start an int) or at
+        per-row positions start (B, L); return the keys/values (B, Hkv, T, hd) the queries attend over."""
+        kb, vb = self.k[layer], self.v[layer]  # (slots, Hkv, T, hd)
+        B, L, T = k.shape[0], k.shape[2], kb.shape[2]
+        if isinstance(start, int) and start == 0 and L == T and self.write is None:  # a refresh: store, read fresh
+            if self.rows is None:
+                kb[:B], vb[:B] = k, v
+            else:
+                kb.index_copy_(0, self.rows, k)
+                vb.index_copy_(0, self.rows, v)
+            return k, v
+        if self.rows is None:
+            kb, vb = kb[:B], vb[:B]
+        else:
+            kb, vb = kb.index_select(0, self.rows), vb.index_select(0, self.rows)
+        _put(kb, k, start, self.write)
+        _put(vb, v, start, self.write)
+        return kb, vb
+
+
+def _put(buf: torch.Tensor, new: torch.Tensor, start, write: torch.Tensor | None):
+    """buf (B, H, T, hd) <- new (B, H, L, hd) at [start, start + L) or at per-row positions start (B, L), only where
+    write (B, L) is true (None: everywhere)."""
+    if isinstance(start, int):
+        view = buf[:, :, start : start + new.shape[2]]
+        view.copy_(new if write is None else torch.where(write[:, None, :, None], new, view))
+        return
+    idx = start[:, None, :, None].expand_as(new)
+    if write is not None:
+        new = torch.where(write[:, None, :, None], new, buf.gather(2, idx))
+    buf.scatter_(2, idx, new)
 
 
 class RMSNorm(nn.Module):
@@ -131,14 +176,10 @@ class Attention(nn.Module):
         B, _, L, _ = q.shape
         return self.o(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, d)
 
-    def forward(self, x, cos, sin, key_mask, kv=None, start: int = 0):
+    def forward(self, x, cos, sin, key_mask, cache: "KVCache | None" = None, layer: int = 0, start=0):
         q, k, v = self.qkv(x, cos, sin)
-        if kv is not None:  # write this slice, attend over every cached position
-            k_buf, v_buf = kv  # (B, Hkv, T, hd)
-            L = x.shape[1]
-            k_buf[:, :, start : start + L] = k
-            v_buf[:, :, start : start + L] = v
-            k, v = k_buf, v_buf
+        if cache is not None:  # put this forward's keys/values, attend over every position of the row
+            k, v = cache.update(layer, k, v, start)
         return self.attend(q, k, v, key_mask)
 
 
@@ -161,9 +202,17 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, key_mask, kv=None, start: int = 0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, kv, start)
+    def forward(self, x, cos, sin, key_mask, cache=None, layer: int = 0, start=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, cache, layer, start)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def block_positions(lo, hi: int | None, select: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """Absolute positions (B, M) a step reads logits for: the block [lo, hi), or its `select`ed entries (select
+    (B, M) indices into the block; lo then may be a (B,) tensor of per-row block starts)."""
+    if select is None:
+        return torch.arange(lo, hi, device=device).expand(batch, -1)
+    return select + (lo[:, None] if isinstance(lo, torch.Tensor) else lo)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -211,28 +260,28 @@ class DiffusionLM(nn.Module):
                     p.normal_(0.0, std, generator=generator)
         return self
 
-    def hidden(self, input_ids, positions, key_mask=None, cache: KVCache | None = None, start: int = 0):
-        """Final hidden states (B, L, d) for the query tokens input_ids at sequence positions [start, start + L)."""
+    def hidden(self, input_ids, positions, key_mask=None, cache: KVCache | None = None, start=0):
+        """Final hidden states (B, L, d) for the query tokens input_ids at sequence positions [start, start + L)
+        (or, with a cache, at per-row positions start (B, L))."""
         x = self.embed(input_ids)  # (B, L, d)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, key_mask, None if cache is None else cache.layer(i), start)
+            x = layer(x, cos, sin, key_mask, cache, i, start)
         return x
 
-    def output(self, h: torch.Tensor, h_start: int, lo: int, hi: int,
+    def output(self, h: torch.Tensor, h_start, lo, hi: int | None = None,
                select: torch.Tensor | None = None) -> torch.Tensor:
         """Aligned logits for positions [lo, hi) from final hidden states h (B, L, d) of positions
         [h_start, h_start + L), applying the family's logit shift (position 0 keeps its own output); with
-        `select` (B, M), indices into [lo, hi), only those rows go through the norm and output projection."""
-        a, b = lo - self.config.logit_shift - h_start, hi - self.config.logit_shift - h_start
-        if a < 0:
-            if lo != 0 or h_start != 0:
-                raise ValueError(f"hidden states from position {h_start} do not cover logits for [{lo}, {hi})")
-            h = torch.cat((h[:, :1], h[:, :b]), dim=1)
-        else:
-            h = h[:, a:b]
-        if select is not None:
-            h = h.gather(1, select[..., None].expand(-1, -1, h.shape[-1]))  # (B, M, d)
+        `select` (B, M), indices into [lo, hi), only those rows go through the norm and output projection.
+        Per row (continuous batching): h_start and lo may be (B,) tensors; `select` is then required."""
+        if isinstance(lo, int) and isinstance(h_start, int) and lo - self.config.logit_shift < h_start \
+                and (lo or h_start):
+            raise ValueError(f"hidden states from position {h_start} do not cover logits for [{lo}, {hi})")
+        pos = block_positions(lo, hi, select, h.shape[0], h.device)  # (B, M)
+        raw = (pos - self.config.logit_shift).clamp_min(0)  # the output each position reads
+        raw = raw - (h_start[:, None] if isinstance(h_start, torch.Tensor) else h_start)
+        h = h.gather(1, raw[..., None].expand(-1, -1, h.shape[-1]))  # (B, M, d)
         return self.lm_head(self.norm(h))
 
     def logits_for(self, x, positions, key_mask, cache, q_start: int, q_end: int, lo: int, hi: int,

@@ -1,0 +1,173 @@
+"""Cache policies: what each cache mode does in a decoding step, behind one protocol, in one registry.
+
+With continuous batching the rows in flight are at different blocks and steps: in one step some rows do their
+block's refresh (step 0: a full forward that rebuilds every cached position) while others do a cached step. A policy
+runs, for the rows that take part (every row in flight), the forwards the step needs: one per kind of row, each
+over exactly the rows of that kind, so every row gets one NFE and no row is pushed through the model only to wait.
+
+Protocol (`CachePolicy`): `admit(slots)` sets up rows that joined in those slots, `move(src, dst)` mirrors the
+compaction of the rows in flight (`Rows.drop`), `forward(model, rows, starts, select)` returns the step's logits
+for every row and what it cost. `CACHE_POLICIES` maps the `DecodeConfig.cache` names to the classes; the CLI and
+the benchmark/evaluation sweeps take their choices from it.
+
+Cached steps never need to persist what they write: a prefix step rewrites [block start, T) and a dual step the
+block before reading them, and a row's next block starts with a refresh. So a cached forward over some of the
+slots works on a copy of those slots (see `KVCache.update`), and only refreshes store into the buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from .dllm_cache import FeatureCache
+from .models.common import DiffusionLM, KVCache
+
+if TYPE_CHECKING:
+    from .decoding import DecodeConfig
+    from .rows import Rows
+
+
+@dataclass
+class Step:
+    logits: torch.Tensor  # (n, M, V) for the selected positions of every row in flight
+    batches: list[int]  # rows in each model forward the step ran
+    flops: int  # matmul FLOPs of those forwards
+
+
+class CachePolicy(Protocol):
+    def __init__(self, model: DiffusionLM, cfg: "DecodeConfig", slots: int, prompt_len: int): ...
+
+    def admit(self, slots: list[int]) -> None:
+        """Rows joined in these slots; their next forward is their first block's refresh."""
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """The rows of slots src moved to slots dst."""
+
+    def forward(self, model: DiffusionLM, rows: "Rows", starts: torch.Tensor, select: torch.Tensor) -> Step:
+        """Logits for positions starts[:, None] + select (n, M) of every row in flight, with one forward per kind
+        of row."""
+
+
+def _head_flops(model: DiffusionLM, n_rows: int, n_out: int) -> int:
+    c = model.config
+    return n_rows * 2 * n_out * c.d_model * c.vocab_size
+
+
+class NoCache:
+    """`none`: every step is a full forward over the whole sequence of every row."""
+
+    def __init__(self, model: DiffusionLM, cfg: "DecodeConfig", slots: int, prompt_len: int):
+        pass
+
+    def admit(self, slots: list[int]) -> None:
+        pass
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        pass
+
+    def forward(self, model, rows, starts, select) -> Step:
+        n, T = rows.n, rows.T
+        h = model.hidden(rows.x[:n], rows.positions[:n], rows.key_mask())  # (n, T, d)
+        logits = model.output(h, 0, starts, None, select)  # (n, M, V)
+        return Step(logits, [n], n * model.forward_flops(T, T) + _head_flops(model, n, select.shape[1]))
+
+
+class _KVPolicy:
+    """Shared by `prefix` and `dual`: preallocated key/value buffers, one slot per row in flight. Rows at step 0
+    take part in a refresh forward (every position, stored); the others in one cached forward whose query window
+    the subclass chooses."""
+
+    def __init__(self, model: DiffusionLM, cfg: "DecodeConfig", slots: int, prompt_len: int):
+        self.cache = KVCache.allocate(model.config, slots, prompt_len + cfg.gen_length, model.device, model.dtype)
+        self.bl = cfg.block_length
+        self.shift = model.config.logit_shift
+
+    def admit(self, slots: list[int]) -> None:
+        pass  # the refresh of their first block writes every position
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        dev = self.cache.k.device
+        self.cache.move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
+
+    def forward(self, model, rows, starts, select) -> Step:
+        n = rows.n
+        refresh = [i for i in range(n) if rows.step[i] == 0]
+        cached = [i for i in range(n) if rows.step[i] != 0]
+        groups = [(g, kind) for g, kind in ((refresh, "refresh"), (cached, "cached")) if g]
+        logits, batches, flops = None, [], 0
+        for host, kind in groups:
+            part = None if len(host) == n else torch.tensor(host, device=rows.x.device)  # None: every row
+            pick = (lambda t: t[:n]) if part is None else (lambda t: t.index_select(0, part))
+            x, pos, s, sel = pick(rows.x), pick(rows.positions), pick(starts), pick(select)
+            km = rows.key_mask(part, host)
+            if kind == "refresh":
+                h = model.hidden(x, pos, km, self.cache.for_rows(part), 0)  # (b, T, d)
+                lg = model.output(h, 0, s, None, sel)
+                f = model.forward_flops(rows.T, rows.T)
+            else:
+                lg, q_len = self.cached_step(model, x, pos, km, part, s, sel, [rows.block[i] for i in host], rows)
+                f = model.forward_flops(q_len, rows.T)
+            flops += len(host) * f + _head_flops(model, len(host), sel.shape[1])
+            batches.append(len(host))
+            if part is None:
+                logits = lg
+            else:
+                if logits is None:
+                    logits = lg.new_empty((n, *lg.shape[1:]))
+                logits.index_copy_(0, part, lg)
+        return Step(logits, batches, flops)
+
+
+class PrefixCache(_KVPolicy):
+    """`prefix`: a cached step forwards [block start, T); it attends to the cached keys/values of the positions
+    before its block plus its own fresh ones. Rows at different blocks share one window [earliest start, T); a row
+    does not write its keys/values before its own block (those queries' outputs are not used)."""
+
+    def cached_step(self, model, x, pos, km, part, s, sel, blocks, rows):
+        q0 = rows.P + min(blocks) * self.bl - self.shift  # (host) the earliest block start among the rows
+        write = None
+        if min(blocks) != max(blocks):
+            write = torch.arange(q0, rows.T, device=x.device)[None, :] >= (s - self.shift)[:, None]  # (b, T - q0)
+        h = model.hidden(x[:, q0:], pos[:, q0:], km, self.cache.for_rows(part, write), q0)  # (b, T - q0, d)
+        return model.output(h, q0, s, None, sel), rows.T - q0
+
+
+class DualCache(_KVPolicy):
+    """`dual`: a cached step forwards each row's own block (gathered per row); it attends to the cached keys/values
+    of every position, with the block's entries replaced by the fresh ones."""
+
+    def cached_step(self, model, x, pos, km, part, s, sel, blocks, rows):
+        L = self.bl + self.shift
+        q = (s - self.shift)[:, None] + torch.arange(L, device=x.device)  # (b, L) each row's block window
+        h = model.hidden(x.gather(1, q), pos.gather(1, q), km, self.cache.for_rows(part), q)  # (b, L, d)
+        return model.output(h, s - self.shift, s, None, sel), L
+
+
+class DllmCache:
+    """`dllm` (dLLM-Cache): per-layer feature caching with per-row refresh intervals; one forward over every row in
+    flight, where each row refreshes or updates adaptively on its own step counter (see fastdllm/dllm_cache.py)."""
+
+    def __init__(self, model: DiffusionLM, cfg: "DecodeConfig", slots: int, prompt_len: int):
+        self.features = FeatureCache(model, slots, prompt_len + cfg.gen_length, prompt_len - model.config.logit_shift,
+                                     prompt_interval=cfg.prompt_interval, response_interval=cfg.response_interval,
+                                     adaptive_ratio=cfg.adaptive_ratio)
+
+    def admit(self, slots: list[int]) -> None:
+        self.features.reset(slots)
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        dev = self.features.k.device
+        self.features.move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev), src, dst)
+
+    def forward(self, model, rows, starts, select) -> Step:
+        n = rows.n
+        logits, flops = self.features.forward(model, rows.x[:n], rows.positions[:n], rows.key_mask(), [True] * n,
+                                              starts, None, select)
+        return Step(logits, [n], flops)
+
+
+CACHE_POLICIES: dict[str, type[CachePolicy]] = {
+    "none": NoCache, "prefix": PrefixCache, "dual": DualCache, "dllm": DllmCache}

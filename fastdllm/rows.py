@@ -1,0 +1,113 @@
+"""The rows in flight of a continuous-batching decode: one object holds their sequences and per-row progress.
+
+Rows live in the first `n` of `slots` preallocated slots (static buffers written by index). Every slot holds a
+sequence of the same length T = P + gen_length: the prompt left-padded to P (the longest prompt of the call), then
+the generated positions, all starting as the mask id. Pad keys are masked out and RoPE positions count from each
+row's first real token, so a row decodes exactly as it would alone, whatever its slot and neighbours.
+
+`add` puts waiting prompts into free slots (first the slots of rows that just finished), `drop` retires finished
+rows and moves the last rows into the holes they leave, so the rows in flight stay in slots [0, n). The cache
+policies mirror both (`admit`, `move`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models.common import positions_from_mask
+
+
+@dataclass
+class Waiting:
+    """A prompt that has not joined yet."""
+
+    index: int  # its place in the input (outputs keep the input order)
+    prompt: list[int]
+    row_id: int  # seeds its noise
+    generator: torch.Generator | None = None  # made when it joins (sampled decoding only)
+
+
+class Rows:
+    """Tokens, positions and key masks of the rows in flight, their input index, block, step, NFE and generator."""
+
+    def __init__(self, slots: int, prompt_len: int, gen_length: int, block_length: int, mask_id: int, pad_id: int,
+                 device):
+        T = prompt_len + gen_length
+        self.P, self.T, self.bl = prompt_len, T, block_length
+        self.mask_id, self.pad_id = mask_id, pad_id
+        self.x = torch.full((slots, T), mask_id, dtype=torch.long, device=device)  # (S, T) tokens
+        self.valid = torch.zeros((slots, T), dtype=torch.bool, device=device)  # (S, T) real (non-pad) positions
+        self.positions = torch.zeros((slots, T), dtype=torch.long, device=device)  # (S, T) RoPE positions
+        self.n = 0
+        # per live row, in slot order (host side: no device sync needed to schedule)
+        self.index: list[int] = []  # input index
+        self.length: list[int] = []  # prompt length
+        self.block: list[int] = []  # the block it is decoding
+        self.step: list[int] = []  # steps taken in that block (0: its next forward is the block's refresh)
+        self.left: list[int] = []  # masked positions left in that block
+        self.nfe: list[int] = []  # forwards it took part in
+        self.generators: list[torch.Generator | None] = []
+
+    @property
+    def slots(self) -> int:
+        return self.x.shape[0]
+
+    def block_starts(self) -> torch.Tensor:
+        """(n,) the first position of each row's current block."""
+        return torch.tensor([self.P + k * self.bl for k in self.block], dtype=torch.long, device=self.x.device)
+
+    def key_mask(self, rows: torch.Tensor | None = None, host_rows: list[int] | None = None):
+        """(B, 1, 1, T) key mask of the live rows (or of `rows`, whose slots are `host_rows` on the host); None when
+        none of them is padded (the fast attention path), decided without a device sync."""
+        lengths = self.length if host_rows is None else [self.length[i] for i in host_rows]
+        if all(n == self.P for n in lengths):
+            return None
+        valid = self.valid[: self.n] if rows is None else self.valid.index_select(0, rows)
+        return valid[:, None, None, :]
+
+    def add(self, waiting: list[Waiting], holes: list[int]) -> list[int]:
+        """Put waiting prompts into the slots `holes` (rows that just finished), then after the last live row;
+        returns the slots used."""
+        used = []
+        for w in waiting:
+            if holes:
+                slot = holes.pop(0)
+            else:
+                slot = self.n
+                self.n += 1
+                for lst in (self.index, self.length, self.block, self.step, self.left, self.nfe, self.generators):
+                    lst.append(None)
+            p = len(w.prompt)
+            row = torch.full((self.T,), self.mask_id, dtype=torch.long)
+            row[: self.P - p] = self.pad_id
+            row[self.P - p : self.P] = torch.tensor(w.prompt)
+            valid = torch.zeros(self.T, dtype=torch.bool)
+            valid[self.P - p :] = True
+            self.x[slot] = row.to(self.x.device)
+            self.valid[slot] = valid.to(self.x.device)
+            self.positions[slot] = positions_from_mask(valid).to(self.x.device)
+            self.index[slot], self.length[slot], self.generators[slot] = w.index, p, w.generator
+            self.block[slot], self.step[slot], self.left[slot], self.nfe[slot] = 0, 0, self.bl, 0
+            used.append(slot)
+        return used
+
+    def drop(self, holes: list[int]) -> tuple[list[int], list[int]]:
+        """Retire the rows in slots `holes` for good: the last live rows move into the holes below the new row
+        count. Returns the moves (source slots, destination slots) for the policies to mirror."""
+        n_new = self.n - len(holes)
+        gone = set(holes)
+        src = [i for i in range(n_new, self.n) if i not in gone]
+        dst = sorted(h for h in holes if h < n_new)
+        if src:
+            s, d = (torch.tensor(v, dtype=torch.long, device=self.x.device) for v in (src, dst))
+            for buf in (self.x, self.valid, self.positions):
+                buf.index_copy_(0, d, buf.index_select(0, s))
+            for lst in (self.index, self.length, self.block, self.step, self.left, self.nfe, self.generators):
+                for a, b in zip(src, dst):
+                    lst[b] = lst[a]
+        for lst in (self.index, self.length, self.block, self.step, self.left, self.nfe, self.generators):
+            del lst[n_new:]
+        self.n = n_new
+        return src, dst
