@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from fastdllm.decoding import CACHE_MODES
+from fastdllm.policies import CACHE_POLICIES
 from fastdllm.rules import RULES
 
 from .manifest import InvalidJob
@@ -127,7 +127,7 @@ def status(output_uri, options, shards, quick):
     click.echo(f"job {st.name} in {output_uri}: {len(st.committed)}/{st.shards} shards committed, "
                f"{len(st.pending)} pending, {len(st.problems) - damaged} failed, {damaged} damaged")
     click.echo(f"rows {t.rows}/{st.rows} ({t.error_rows} bad), {t.generated_tokens} tokens, {t.nfe} nfe, "
-               f"{t.tokens_per_second:.1f} tokens/s per worker")
+               f"occupancy {t.occupancy:.2f}, {t.tokens_per_second:.1f} tokens/s per worker")
     if st.lease is not None:
         click.echo(f"running: lease held by {st.lease.describe()}")
     for p in st.problems:
@@ -143,7 +143,7 @@ def status(output_uri, options, shards, quick):
 @click.option("--gen-length", default=32, show_default=True)
 @click.option("--block-length", default=8, show_default=True)
 @click.option("--steps", default=None, type=int, help="Quota-rule steps (default: gen-length).")
-@click.option("--cache", default="dual", show_default=True, type=click.Choice(CACHE_MODES))
+@click.option("--cache", default="dual", show_default=True, type=click.Choice(list(CACHE_POLICIES)))
 @click.option("--rule", default="threshold", show_default=True,
               type=click.Choice(RULES))
 @click.option("--threshold", default=0.9, show_default=True)

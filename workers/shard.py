@@ -1,6 +1,6 @@
 """`ShardWorker`: loads a model once, then decodes whole shards: read rows (from the planned file only) ->
-validate -> sort by prompt length -> decode in batches -> commit through `JobOutput` (shards/NNNNN.parquet, then
-stats/NNNNN.json, the commit marker, always last).
+validate -> sort by prompt length -> decode (one continuous-batching generate() call, `batch_size` rows in
+flight) -> commit through `JobOutput` (shards/NNNNN.parquet, then stats/NNNNN.json, the commit marker, always last).
 
 A plain class: the job driver wraps it with `ray.remote`; tests and notebooks use it directly.
 """
@@ -84,7 +84,7 @@ class WorkerSettings:
     storage_options: dict = field(default_factory=dict)
     batch_size: int = 16
     # Fault injection, for tests of the driver's retries only: {shard index: attempts to fail}. After decoding
-    # the shard's first batch, `crash` ends the worker process (os._exit), `error` raises RuntimeError, and
+    # the shard's rows, `crash` ends the worker process (os._exit), `error` raises RuntimeError, and
     # `hang` sleeps until the driver's shard timeout gives up on the attempt.
     crash: dict[int, int] = field(default_factory=dict)
     error: dict[int, int] = field(default_factory=dict)
@@ -260,23 +260,20 @@ class ShardWorker:
                 encoded.append((len(enc), i, enc))
             else:
                 errors[i] = why
-        encoded.sort(key=lambda t: (t[0], t[1]))  # similar lengths share a batch: less padding
+        encoded.sort(key=lambda t: (t[0], t[1]))  # rows join in length order: similar lengths are in flight together
 
         counters = ShardStats(shards=1, rows=n, error_rows=n - len(encoded), read_seconds=read_seconds)
         t_dec = time.perf_counter()
-        bs = self.s.batch_size
-        for b in range(0, len(encoded), bs):
-            batch = encoded[b : b + bs]
-            out = fastdllm.generate(self.model, [e for _, _, e in batch], self.cfg,
-                                    row_ids=[seed_id(ids[i]) for _, i, _ in batch])
-            for (_, i, _), toks, k, why in zip(batch, out.tokens, out.nfe, out.finish_reasons):
+        if encoded:  # the whole shard in one call: a finished row's slot goes to the next prompt at once
+            out = fastdllm.generate(self.model, [e for _, _, e in encoded], self.cfg,
+                                    row_ids=[seed_id(ids[i]) for _, i, _ in encoded],
+                                    max_batch_size=self.s.batch_size)
+            for (_, i, _), toks, k, why in zip(encoded, out.tokens, out.nfe, out.finish_reasons):
                 completion_ids[i], nfe[i], reasons[i] = toks, k, why
             counters.forward_passes += out.stats["forward_passes"]
-            if b == 0:
-                self._inject_fault(shard, attempt)
+            counters.row_forwards += out.stats["row_forwards"]
         counters.decode_seconds = time.perf_counter() - t_dec
-        if not encoded:
-            self._inject_fault(shard, attempt)
+        self._inject_fault(shard, attempt)
 
         texts = [self.tok.decode(t) if t is not None else None for t in completion_ids]
         n_tokens = [len(t) if t is not None else 0 for t in completion_ids]

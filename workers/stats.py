@@ -17,6 +17,7 @@ class ShardStats:
     generated_tokens: int = 0
     nfe: int = 0
     forward_passes: int = 0
+    row_forwards: int = 0  # rows summed over every forward: nfe / row_forwards is the occupancy
     read_seconds: float = 0.0  # reading the shard's rows
     decode_seconds: float = 0.0  # fastdllm.generate calls
     write_seconds: float = 0.0  # writing the shard's Parquet file
@@ -31,8 +32,13 @@ class ShardStats:
         """Generated tokens per second of shard wall time (per worker, summed over shards)."""
         return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
+    @property
+    def occupancy(self) -> float:
+        """Useful share of the rows pushed through the model (nfe / row_forwards; 1.0: none only waited)."""
+        return self.nfe / self.row_forwards if self.row_forwards else 1.0
+
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "tokens_per_second": self.tokens_per_second}
+        return {**dataclasses.asdict(self), "tokens_per_second": self.tokens_per_second, "occupancy": self.occupancy}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardStats":
