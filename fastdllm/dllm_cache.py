@@ -55,16 +55,18 @@ class FeatureCache:
 
     @torch.inference_mode()
     def forward(self, model: DiffusionLM, x, positions, key_mask, active: list[bool], lo, hi: int | None,
-                select: torch.Tensor | None = None):
+                select: torch.Tensor | None = None, first: int = 0):
         """One decoding step of the rows in the first B slots: aligned logits (B, hi - lo, V) for positions
         [lo, hi) (or the `select`ed ones, as in `DiffusionLM.output`: lo may be (B,) per-row block starts) and the
-        matmul FLOPs spent."""
+        matmul FLOPs spent. x, positions, key_mask and lo cover the columns [first, T) only (see `Rows.window`):
+        the pad columns before `first` are neither computed nor read."""
         c = model.config
         B, T = x.shape
         dev = x.device
-        r0 = self.r0
+        r0 = self.r0 - first
         G = T - r0  # response positions
-        kc, vc, ac, mc = (buf[:, :B] for buf in (self.k, self.v, self.attn, self.mlp))  # the rows' slots
+        kc, vc = (buf[:, :B, :, first:] for buf in (self.k, self.v))  # the rows' slots and columns
+        ac, mc = (buf[:, :B, first:] for buf in (self.attn, self.mlp))
         steps = self.steps[:B]
         refresh_p = [a and s % self.kp == 0 for a, s in zip(active, steps)]
         refresh_r = [a and s % self.kr == 0 for a, s in zip(active, steps)]

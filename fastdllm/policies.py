@@ -69,10 +69,11 @@ class NoCache:
         pass
 
     def forward(self, model, rows, starts, select) -> Step:
-        n, T = rows.n, rows.T
-        h = model.hidden(rows.x[:n], rows.positions[:n], rows.key_mask())  # (n, T, d)
-        logits = model.output(h, 0, starts, None, select)  # (n, M, V)
-        return Step(logits, [n], n * model.forward_flops(T, T) + _head_flops(model, n, select.shape[1]))
+        n, w = rows.n, rows.window()
+        h = model.hidden(w.x, w.positions, w.key_mask)  # (n, L, d) for the window's L columns
+        logits = model.output(h, 0, starts - w.first, None, select)  # (n, M, V)
+        L = w.x.shape[1]
+        return Step(logits, [n], n * model.forward_flops(L, L) + _head_flops(model, n, select.shape[1]))
 
 
 class _KVPolicy:
@@ -101,15 +102,17 @@ class _KVPolicy:
         for host, kind in groups:
             part = None if len(host) == n else torch.tensor(host, device=rows.x.device)  # None: every row
             pick = (lambda t: t[:n]) if part is None else (lambda t: t.index_select(0, part))
-            x, pos, s, sel = pick(rows.x), pick(rows.positions), pick(starts), pick(select)
-            km = rows.key_mask(part, host)
+            w = rows.window(part, host)
+            s, sel = pick(starts) - w.first, pick(select)  # block starts counted from the window's first column
+            L = w.x.shape[1]
             if kind == "refresh":
-                h = model.hidden(x, pos, km, self.cache.for_rows(part), 0)  # (b, T, d)
-                lg = model.output(h, 0, s, None, sel)
-                f = model.forward_flops(rows.T, rows.T)
+                h = model.hidden(w.x, w.positions, w.key_mask, self.cache.for_rows(part, first=w.first), 0)
+                lg = model.output(h, 0, s, None, sel)  # h: (b, L, d)
+                f = model.forward_flops(L, L)
             else:
-                lg, q_len = self.cached_step(model, x, pos, km, part, s, sel, [rows.block[i] for i in host], rows)
-                f = model.forward_flops(q_len, rows.T)
+                lg, q_len = self.cached_step(model, w, part, s, sel, min(rows.block[i] for i in host),
+                                             max(rows.block[i] for i in host), rows.P - w.first)
+                f = model.forward_flops(q_len, L)
             flops += len(host) * f + _head_flops(model, len(host), sel.shape[1])
             batches.append(len(host))
             if part is None:
@@ -126,23 +129,26 @@ class PrefixCache(_KVPolicy):
     before its block plus its own fresh ones. Rows at different blocks share one window [earliest start, T); a row
     does not write its keys/values before its own block (those queries' outputs are not used)."""
 
-    def cached_step(self, model, x, pos, km, part, s, sel, blocks, rows):
-        q0 = rows.P + min(blocks) * self.bl - self.shift  # (host) the earliest block start among the rows
+    def cached_step(self, model, w, part, s, sel, first_block: int, last_block: int, gen_start: int):
+        L = w.x.shape[1]
+        q0 = gen_start + first_block * self.bl - self.shift  # (host) the earliest block start among the rows
         write = None
-        if min(blocks) != max(blocks):
-            write = torch.arange(q0, rows.T, device=x.device)[None, :] >= (s - self.shift)[:, None]  # (b, T - q0)
-        h = model.hidden(x[:, q0:], pos[:, q0:], km, self.cache.for_rows(part, write), q0)  # (b, T - q0, d)
-        return model.output(h, q0, s, None, sel), rows.T - q0
+        if first_block != last_block:
+            write = torch.arange(q0, L, device=s.device)[None, :] >= (s - self.shift)[:, None]  # (b, L - q0)
+        cache = self.cache.for_rows(part, write, w.first)
+        h = model.hidden(w.x[:, q0:], w.positions[:, q0:], w.key_mask, cache, q0)  # (b, L - q0, d)
+        return model.output(h, q0, s, None, sel), L - q0
 
 
 class DualCache(_KVPolicy):
     """`dual`: a cached step forwards each row's own block (gathered per row); it attends to the cached keys/values
     of every position, with the block's entries replaced by the fresh ones."""
 
-    def cached_step(self, model, x, pos, km, part, s, sel, blocks, rows):
+    def cached_step(self, model, w, part, s, sel, first_block: int, last_block: int, gen_start: int):
         L = self.bl + self.shift
-        q = (s - self.shift)[:, None] + torch.arange(L, device=x.device)  # (b, L) each row's block window
-        h = model.hidden(x.gather(1, q), pos.gather(1, q), km, self.cache.for_rows(part), q)  # (b, L, d)
+        q = (s - self.shift)[:, None] + torch.arange(L, device=s.device)  # (b, L) each row's block window
+        cache = self.cache.for_rows(part, first=w.first)
+        h = model.hidden(w.x.gather(1, q), w.positions.gather(1, q), w.key_mask, cache, q)  # (b, L, d)
         return model.output(h, s - self.shift, s, None, sel), L
 
 
@@ -163,9 +169,9 @@ class DllmCache:
         self.features.move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev), src, dst)
 
     def forward(self, model, rows, starts, select) -> Step:
-        n = rows.n
-        logits, flops = self.features.forward(model, rows.x[:n], rows.positions[:n], rows.key_mask(), [True] * n,
-                                              starts, None, select)
+        n, w = rows.n, rows.window()
+        logits, flops = self.features.forward(model, w.x, w.positions, w.key_mask, [True] * n, starts - w.first,
+                                              None, select, w.first)
         return Step(logits, [n], flops)
 
 

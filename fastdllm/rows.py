@@ -20,6 +20,17 @@ from .models.common import positions_from_mask
 
 
 @dataclass
+class Window:
+    """Columns [first, T) of some rows in flight, where every real token of those rows lies: a forward over the
+    window skips the pad columns all of them share (rows join in length order when the caller sorts them)."""
+
+    first: int
+    x: torch.Tensor  # (b, T - first) tokens
+    positions: torch.Tensor  # (b, T - first) RoPE positions
+    key_mask: torch.Tensor | None  # (b, 1, 1, T - first), or None when no row has a pad in the window
+
+
+@dataclass
 class Waiting:
     """A prompt that has not joined yet."""
 
@@ -31,6 +42,8 @@ class Waiting:
 
 class Rows:
     """Tokens, positions and key masks of the rows in flight, their input index, block, step, NFE and generator."""
+
+    HOST = ("index", "length", "block", "step", "left", "nfe", "generators")  # the per-row lists, in slot order
 
     def __init__(self, slots: int, prompt_len: int, gen_length: int, block_length: int, mask_id: int, pad_id: int,
                  device):
@@ -58,14 +71,18 @@ class Rows:
         """(n,) the first position of each row's current block."""
         return torch.tensor([self.P + k * self.bl for k in self.block], dtype=torch.long, device=self.x.device)
 
-    def key_mask(self, rows: torch.Tensor | None = None, host_rows: list[int] | None = None):
-        """(B, 1, 1, T) key mask of the live rows (or of `rows`, whose slots are `host_rows` on the host); None when
-        none of them is padded (the fast attention path), decided without a device sync."""
+    def window(self, rows: torch.Tensor | None = None, host_rows: list[int] | None = None) -> Window:
+        """The window of the live rows (or of slots `rows`, the same as `host_rows` on the host), decided from the
+        prompt lengths without a device sync."""
         lengths = self.length if host_rows is None else [self.length[i] for i in host_rows]
-        if all(n == self.P for n in lengths):
-            return None
-        valid = self.valid[: self.n] if rows is None else self.valid.index_select(0, rows)
-        return valid[:, None, None, :]
+        longest = max(lengths)
+        first = self.P - longest
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return (t[: self.n] if rows is None else t.index_select(0, rows))[:, first:]
+
+        key_mask = None if all(n == longest for n in lengths) else pick(self.valid)[:, None, None, :]
+        return Window(first, pick(self.x), pick(self.positions), key_mask)
 
     def add(self, waiting: list[Waiting], holes: list[int]) -> list[int]:
         """Put waiting prompts into the slots `holes` (rows that just finished), then after the last live row;
@@ -77,8 +94,8 @@ class Rows:
             else:
                 slot = self.n
                 self.n += 1
-                for lst in (self.index, self.length, self.block, self.step, self.left, self.nfe, self.generators):
-                    lst.append(None)
+                for name in self.HOST:
+                    getattr(self, name).append(None)
             p = len(w.prompt)
             row = torch.full((self.T,), self.mask_id, dtype=torch.long)
             row[: self.P - p] = self.pad_id
@@ -104,10 +121,10 @@ class Rows:
             s, d = (torch.tensor(v, dtype=torch.long, device=self.x.device) for v in (src, dst))
             for buf in (self.x, self.valid, self.positions):
                 buf.index_copy_(0, d, buf.index_select(0, s))
-            for lst in (self.index, self.length, self.block, self.step, self.left, self.nfe, self.generators):
-                for a, b in zip(src, dst):
-                    lst[b] = lst[a]
-        for lst in (self.index, self.length, self.block, self.step, self.left, self.nfe, self.generators):
+        for name in self.HOST:
+            lst = getattr(self, name)
+            for a, b in zip(src, dst):
+                lst[b] = lst[a]
             del lst[n_new:]
         self.n = n_new
         return src, dst

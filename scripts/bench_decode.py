@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Decoding benchmark: one run measures a matrix of cache mode x rule on one model shape.
+"""Decoding benchmark, two workloads.
+
+`--workload matrix` (default): one run measures a matrix of cache mode x rule on one model shape.
 
 For every (gen length, batch size) it times the baseline (cache none, rule quota, steps = gen_length) and each
 cache x rule setting after a warm-up, and reports NFE, generated tokens/s, wall time, counted forward FLOPs and the
@@ -12,30 +14,57 @@ command line); `--model` benchmarks a real checkpoint instead.
 
 `--max-blocks` decodes only the first blocks of the full-length problem (the sequence, and so the per-step cost,
 is that of the whole gen length); it keeps slow CPU runs short, and the table says how many blocks were timed.
+
+`--workload mixed`: continuous batching against the lock-step engine. 512 prompts, half "{a}+{b}=" and half
+"sort:{s}=" (4-16 digits) in a shuffled order, gen 32, block 8, rule threshold 0.9, for each cache mode and batch
+size (rows in flight). On the built-in tiny model (`--model tiny`) the prompts are the task texts; on a random-weight
+shape they are random ids of the same lengths. It reports NFE, row-forwards (rows summed over every forward, counted
+at the model's embedding, so the same for any engine), occupancy = NFE / row-forwards, tokens/s and peak memory
+(CUDA: allocated; CPU: the process's peak RSS so far). The engine is whichever `fastdllm` is imported: run the
+script once more with PYTHONPATH pointing at a checkout of the lock-step engine (e.g. a git worktree of 786f673)
+and `--merge` the JSON files (medians over repeated runs, continuous / lock-step ratios):
+
+    python scripts/bench_decode.py --workload mixed --model tiny --threads 1 --json cb1.json
+    PYTHONPATH=/path/to/lockstep python scripts/bench_decode.py --workload mixed --model tiny --threads 1 --json ls1.json
+    python scripts/bench_decode.py --merge cb*.json ls*.json
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
+import random
+import resource
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # appended: PYTHONPATH may pick another engine
 
 import fastdllm  # noqa: E402
-from fastdllm.decoding import CACHE_MODES  # noqa: E402
 from fastdllm.models import from_config  # noqa: E402
 from fastdllm.models.common import ModelConfig  # noqa: E402
 from fastdllm.rules import RULES  # noqa: E402
+from fastdllm.tasks import problems  # noqa: E402
+
+try:
+    from fastdllm.policies import CACHE_POLICIES  # noqa: E402
+    CACHES = tuple(CACHE_POLICIES)
+except ImportError:  # an engine from before the policy registry (the lock-step one, benchmarked side by side)
+    from fastdllm.decoding import CACHE_MODES as CACHES  # noqa: E402
+CONTINUOUS = "max_batch_size" in inspect.signature(fastdllm.generate).parameters
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=("matrix", "mixed"), default="matrix")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="print the median table of earlier --workload mixed runs (both engines) and exit")
     p.add_argument("--model", default=None, help="checkpoint to benchmark instead of a random-weight shape")
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--n-layers", type=int, default=8)
@@ -44,11 +73,14 @@ def parse_args(argv=None):
     p.add_argument("--mlp-hidden", type=int, default=None, help="default 3 x d_model (LLaDA-8B's ratio)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--prompt-length", type=int, default=200)
-    p.add_argument("--gen-lengths", type=int, nargs="+", default=[256, 1024])
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--caches", nargs="+", default=list(CACHE_MODES), choices=CACHE_MODES)
-    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    p.add_argument("--gen-lengths", type=int, nargs="+", default=None, help="matrix: 256 1024; mixed: 32")
+    p.add_argument("--block-length", type=int, default=None, help="matrix: 32; mixed: 8")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="matrix: 1 8; mixed: 16 64")
+    p.add_argument("--caches", nargs="+", default=None, choices=CACHES,
+                   help="matrix: all; mixed: dual prefix none")
+    p.add_argument("--rules", nargs="+", default=None, choices=RULES, help="matrix: all; mixed: threshold")
+    p.add_argument("--n-prompts", type=int, default=512, help="mixed: prompts (half addition, half sorting)")
+    p.add_argument("--temperature", type=float, default=0.0, help="mixed: sampling temperature")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--factor", type=float, default=1.0)
     p.add_argument("--frechet-margin", type=float, default=0.25)
@@ -60,7 +92,15 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
     p.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
                    help="extra DecodeConfig fields for every non-baseline setting (repeatable)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    mixed = a.workload == "mixed"
+    defaults = dict(gen_lengths=[32] if mixed else [256, 1024], block_length=8 if mixed else 32,
+                    batch_sizes=[16, 64] if mixed else [1, 8], caches=["dual", "prefix", "none"] if mixed else CACHES,
+                    rules=["threshold"] if mixed else RULES)
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, list(v) if isinstance(v, (list, tuple)) else v)
+    return a
 
 
 def build_model(a):
@@ -89,6 +129,118 @@ def _value(v: str):
     return v
 
 
+def _peak_memory_mib(device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: the process's peak resident set so far."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def mixed_prompts(model, a) -> list[list[int]]:
+    """The mixed workload: half addition, half sorting prompts, shuffled; token ids from the model's tokenizer
+    (a checkpoint), or random ids of the same lengths (a random-weight shape)."""
+    n_add = a.n_prompts // 2
+    texts = [p.prompt for p in problems("addition", n_add, a.seed) + problems("sorting", a.n_prompts - n_add, a.seed)]
+    random.Random(a.seed).shuffle(texts)
+    if a.model:
+        return fastdllm.load_tokenizer(a.model).encode_batch(texts)
+    g = torch.Generator().manual_seed(a.seed)
+    vocab = model.config.vocab_size - 1  # never the mask id (the last one)
+    return [torch.randint(0, vocab, (len(t),), generator=g).tolist() for t in texts]
+
+
+def decode_all(model, prompts, cfg, batch_size: int, max_blocks=None) -> dict:
+    """All prompts with `batch_size` rows in flight: one continuous call, or lock-step batches in input order."""
+    if CONTINUOUS:
+        out = fastdllm.generate(model, prompts, cfg, max_batch_size=batch_size, max_blocks=max_blocks)
+        return dict(nfe=sum(out.nfe), tokens=out.stats["generated_tokens"], forward_passes=out.stats["forward_passes"])
+    total = dict(nfe=0, tokens=0, forward_passes=0)
+    for i in range(0, len(prompts), batch_size):
+        out = fastdllm.generate(model, prompts[i : i + batch_size], cfg, max_blocks=max_blocks)
+        total["nfe"] += sum(out.nfe)
+        total["tokens"] += out.stats["generated_tokens"]
+        total["forward_passes"] += out.stats["forward_passes"]
+    return total
+
+
+def run_mixed(a) -> dict:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = build_model(a)
+    prompts = mixed_prompts(model, a)
+    counted = dict(rows=0)
+
+    def count_rows(_module, args):  # every forward embeds its query tokens once: (rows, L)
+        counted["rows"] += args[0].shape[0]
+
+    model.embed.register_forward_pre_hook(count_rows)
+    results = []
+    for gen in a.gen_lengths:
+        for cache in a.caches:
+            for rule in a.rules:
+                cfg = fastdllm.DecodeConfig(gen_length=gen, block_length=a.block_length, steps=gen, cache=cache,
+                                            rule=rule, threshold=a.threshold, factor=a.factor,
+                                            frechet_margin=a.frechet_margin, temperature=a.temperature)
+                decode_all(model, prompts[: max(a.batch_sizes)], cfg, max(a.batch_sizes), 1)  # warm-up
+                for bs in a.batch_sizes:
+                    if torch.device(a.device).type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    counted["rows"] = 0
+                    _sync(a.device)
+                    t0 = time.perf_counter()
+                    tot = decode_all(model, prompts, cfg, bs, a.max_blocks)
+                    _sync(a.device)
+                    wall = time.perf_counter() - t0
+                    row = dict(engine="continuous" if CONTINUOUS else "lock-step", gen_length=gen, batch=bs,
+                               cache=cache, rule=rule, nfe=tot["nfe"], row_forwards=counted["rows"],
+                               occupancy=tot["nfe"] / counted["rows"], forward_passes=tot["forward_passes"],
+                               tokens=tot["tokens"], wall_s=wall, tokens_per_s=tot["tokens"] / wall,
+                               peak_mib=_peak_memory_mib(a.device))
+                    results.append(row)
+                    print(f"{row['engine']} gen {gen} batch {bs} {cache:>6} {rule}: nfe {row['nfe']}  row-forwards "
+                          f"{row['row_forwards']}  occupancy {row['occupancy']:.2f}  {row['tokens_per_s']:.1f} tok/s  "
+                          f"{wall:.2f}s  peak {row['peak_mib']:.0f} MiB", flush=True)
+    return dict(info=_info(a, model, workload="mixed", n_prompts=len(prompts),
+                           mean_prompt_tokens=sum(map(len, prompts)) / len(prompts)), results=results)
+
+
+def _info(a, model, **extra) -> dict:
+    mc = model.config
+    info = dict(device=a.device, dtype=str(model.dtype), torch=torch.__version__, threads=torch.get_num_threads(),
+                cpu=platform.processor() or platform.machine(), model=a.model or "random",
+                engine="continuous" if CONTINUOUS else "lock-step", fastdllm=fastdllm.__file__,
+                shape=dict(d_model=mc.d_model, n_layers=mc.n_layers, n_heads=mc.n_heads, n_kv_heads=mc.n_kv_heads,
+                           mlp_hidden=mc.mlp_hidden, vocab=mc.vocab_size, params=model.num_parameters()),
+                prompt_length=a.prompt_length, block_length=a.block_length, max_blocks=a.max_blocks,
+                temperature=a.temperature, **extra)
+    if torch.device(a.device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def merge(paths: list[str]) -> str:
+    """Median over runs of each (engine, cache, rule, batch) and the continuous / lock-step ratios, as markdown."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        for row in r["results"]:
+            groups.setdefault((row["cache"], row["rule"], row["batch"], row["engine"]), []).append(row)
+    med = {k: {f: statistics.median(x[f] for x in v) for f in ("nfe", "row_forwards", "occupancy", "tokens",
+                                                                "tokens_per_s", "peak_mib")} | {"n": len(v)}
+           for k, v in groups.items()}
+    lines = ["| cache | batch | engine | runs | NFE | row-forwards | occupancy | tokens | tokens/s (median) | "
+             "continuous / lock-step |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for cache, rule, bs, engine in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != "lock-step")):
+        m = med[(cache, rule, bs, engine)]
+        base = med.get((cache, rule, bs, "lock-step"))
+        ratio = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if engine == "continuous" and base else ""
+        lines.append(f"| {cache} ({rule}) | {bs} | {engine} | {m['n']} | {m['nfe']:.0f} | {m['row_forwards']:.0f} | "
+                     f"{m['occupancy']:.2f} | {m['tokens']:.0f} | {m['tokens_per_s']:.0f} | {ratio} |")
+    i = runs[0]["info"]
+    return (f"model {i['model']} ({i['shape']['params'] / 1e6:.2f}M params), {i['device']} {i['dtype']}, "
+            f"{i['threads']} threads, {i.get('n_prompts')} prompts\n\n" + "\n".join(lines))
+
+
 def run(a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -105,7 +257,7 @@ def run(a) -> dict:
             prompts = prompts.tolist()
             settings = [("none", "quota", {})]  # the baseline first
             settings += [(c, r, extra) for c in a.caches for r in a.rules if (c, r) != ("none", "quota")]
-            for c in {c for c, _, _ in settings}:  # warm-up: one block of each mode
+            for c in sorted({c for c, _, _ in settings}):  # warm-up: one block of each mode
                 cfg = fastdllm.DecodeConfig(gen_length=a.block_length, block_length=a.block_length,
                                             steps=a.block_length, cache=c, rule="quota", stop_at_eos=False)
                 fastdllm.generate(model, prompts, cfg)
@@ -128,14 +280,7 @@ def run(a) -> dict:
                 results.append(row)
                 print(f"gen {gen} batch {bs} {cache:>6} {rule:>9}: nfe {row['mean_nfe']:7.1f}  "
                       f"{row['tokens_per_s']:9.1f} tok/s  {wall:8.2f}s  x{row['speedup']:.2f}", flush=True)
-    info = dict(device=a.device, dtype=str(model.dtype), torch=torch.__version__, threads=torch.get_num_threads(),
-                cpu=platform.processor() or platform.machine(), model=a.model or "random",
-                shape=dict(d_model=mc.d_model, n_layers=mc.n_layers, n_heads=mc.n_heads, n_kv_heads=mc.n_kv_heads,
-                           mlp_hidden=mc.mlp_hidden, vocab=mc.vocab_size, params=model.num_parameters()),
-                prompt_length=a.prompt_length, block_length=a.block_length, max_blocks=a.max_blocks)
-    if torch.device(a.device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return dict(info=info, results=results)
+    return dict(info=_info(a, model, workload="matrix"), results=results)
 
 
 def table(report: dict) -> str:
@@ -152,11 +297,26 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def mixed_table(report: dict) -> str:
+    i = report["info"]
+    lines = [f"{i['engine']} engine ({i['fastdllm']}), model {i['model']}, {i['device']} {i['dtype']}, "
+             f"{i['threads']} threads, {i['n_prompts']} prompts", "",
+             "| cache | rule | batch | NFE | row-forwards | occupancy | tokens | tokens/s | peak MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        lines.append(f"| {r['cache']} | {r['rule']} | {r['batch']} | {r['nfe']} | {r['row_forwards']} | "
+                     f"{r['occupancy']:.2f} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     a = parse_args(argv)
-    report = run(a)
+    if a.merge:
+        print(merge(a.merge))
+        return
+    report = run_mixed(a) if a.workload == "mixed" else run(a)
     print()
-    print(table(report))
+    print(mixed_table(report) if a.workload == "mixed" else table(report))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {a.json}")

@@ -71,13 +71,15 @@ class KVCache:
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, seq_len: int, device, dtype) -> "KVCache":
+        """Zeroed buffers: a forward may attend over (masked) pad columns no forward wrote, which must be finite."""
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, seq_len, cfg.head_dim)
-        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def for_rows(self, rows: torch.Tensor | None, write: torch.Tensor | None = None) -> "KVCache":
-        """The cache as a forward over slots `rows` (None: the first slots) sees it; `write` (B, L) masks the
-        queries whose keys/values must not replace the cached ones (their outputs are not used)."""
-        return KVCache(self.k, self.v, rows, write)
+    def for_rows(self, rows: torch.Tensor | None, write: torch.Tensor | None = None, first: int = 0) -> "KVCache":
+        """The cache as a forward over slots `rows` (None: the first slots) and columns [first, T) sees it (its
+        positions count from `first`); `write` (B, L) masks the queries whose keys/values must not replace the
+        cached ones (their outputs are not used)."""
+        return KVCache(self.k[:, :, :, first:], self.v[:, :, :, first:], rows, write)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor):
         """Copy slots src into slots dst (compacting the rows in flight)."""
