@@ -2,9 +2,9 @@
 
 One `generate()` serves every cache mode (the policies of fastdllm/policies.py). It keeps up to `max_batch_size`
 rows in flight; each row walks its own blocks (the step after its block has no masks left is its next block's
-refresh) and a row that is done leaves at once, its slot going to the next waiting prompt. A step reads:
-admit rows -> forward (the policy's, one per kind of row) -> propose -> commit -> retire. Prompts are left-padded
-to the longest one; pad keys are masked out and RoPE positions count from each row's first real token, so a row
+refresh) and a row that is done leaves at once, its slot going to the next waiting prompt (shortest first). A
+step reads: admit rows -> forward (the policy's, one per kind of row) -> propose -> commit -> retire. Prompts are
+left-padded to the longest one; pad keys are masked out and RoPE positions count from each row's first real token, so a row
 decodes exactly as it would alone (DESIGN.md, "Decoding semantics").
 """
 
@@ -200,7 +200,7 @@ def _propose_rows(logits: torch.Tensor, cfg: DecodeConfig, gens, mask_id: int, b
 def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *, row_ids=None,
              max_batch_size: int | None = None, max_blocks: int | None = None) -> GenerateOutput:
     """Decode prompts (lists of token ids, any lengths, any number) with at most `max_batch_size` rows in flight
-    (None: all of them); outputs keep the input order. `row_ids` (ints) seed per-row noise; by default a row's id
+    (None: all of them); waiting prompts join shortest first, outputs keep the input order. `row_ids` (ints) seed per-row noise; by default a row's id
     is its index. `max_blocks` (benchmarks) decodes only the first blocks of the full-length problem; the tokens
     of the blocks not decoded are left out."""
     cfg = config or DecodeConfig()
@@ -225,7 +225,10 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
                             dtype=torch.long, device=dev)
     stop = cfg.stop_at_eos and stop_ids.numel() > 0
     sampling = cfg.temperature > 0 or cfg.remasking == "random"
-    waiting = deque(Waiting(i, p, r) for i, (p, r) in enumerate(zip(prompts, row_ids)))
+    # Prompts join shortest first (ties in input order): rows in flight then have similar lengths, and forwards
+    # skip the pad columns they share. Outputs keep the input order; a row's result does not depend on when it joins.
+    order = sorted(range(N), key=lambda i: len(prompts[i]))
+    waiting = deque(Waiting(i, prompts[i], row_ids[i]) for i in order)
 
     def take(k: int) -> list[Waiting]:
         joined = [waiting.popleft() for _ in range(min(k, len(waiting)))]

@@ -59,7 +59,8 @@ class WorkersSpec(_Strict):
     count: int = Field(1, gt=0, description="Number of actors, each holding one model.")
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (Ray resource).")
     num_cpus: float = Field(1, ge=0, description="CPUs per actor (Ray resource; also its torch threads).")
-    batch_size: int = Field(16, gt=0, description="Prompts decoded together (after sorting a shard by length).")
+    batch_size: int = Field(16, gt=0, description="Rows in flight per worker (continuous batching; a shard's "
+                                                  "prompts join in length order).")
     max_retries: int = Field(2, ge=0, description="Extra attempts for a shard whose worker died, raised or timed out.")
     shard_timeout_s: float | None = Field(None, gt=0, description=(
         "Give up on a shard attempt after this many seconds from dispatch (for a new actor that includes its model "

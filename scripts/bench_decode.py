@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--rules", nargs="+", default=None, choices=RULES, help="matrix: all; mixed: threshold")
     p.add_argument("--n-prompts", type=int, default=512, help="mixed: prompts (half addition, half sorting)")
     p.add_argument("--temperature", type=float, default=0.0, help="mixed: sampling temperature")
+    p.add_argument("--sort-prompts", action="store_true",
+                   help="mixed: hand the prompts over sorted by length (the lock-step shard worker did)")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--factor", type=float, default=1.0)
     p.add_argument("--frechet-margin", type=float, default=0.25)
@@ -142,6 +144,8 @@ def mixed_prompts(model, a) -> list[list[int]]:
     n_add = a.n_prompts // 2
     texts = [p.prompt for p in problems("addition", n_add, a.seed) + problems("sorting", a.n_prompts - n_add, a.seed)]
     random.Random(a.seed).shuffle(texts)
+    if a.sort_prompts:
+        texts.sort(key=len)  # the tiny tokenizer has one token per character
     if a.model:
         return fastdllm.load_tokenizer(a.model).encode_batch(texts)
     g = torch.Generator().manual_seed(a.seed)
@@ -187,19 +191,21 @@ def run_mixed(a) -> dict:
                         torch.cuda.reset_peak_memory_stats()
                     counted["rows"] = 0
                     _sync(a.device)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     tot = decode_all(model, prompts, cfg, bs, a.max_blocks)
                     _sync(a.device)
-                    wall = time.perf_counter() - t0
-                    row = dict(engine="continuous" if CONTINUOUS else "lock-step", gen_length=gen, batch=bs,
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    engine = ("continuous" if CONTINUOUS else "lock-step") + (" (sorted)" if a.sort_prompts else "")
+                    row = dict(engine=engine, gen_length=gen, batch=bs,
                                cache=cache, rule=rule, nfe=tot["nfe"], row_forwards=counted["rows"],
                                occupancy=tot["nfe"] / counted["rows"], forward_passes=tot["forward_passes"],
-                               tokens=tot["tokens"], wall_s=wall, tokens_per_s=tot["tokens"] / wall,
-                               peak_mib=_peak_memory_mib(a.device))
+                               tokens=tot["tokens"], wall_s=wall, tokens_per_s=tot["tokens"] / wall, cpu_s=cpu,
+                               tokens_per_cpu_s=tot["tokens"] / cpu, peak_mib=_peak_memory_mib(a.device))
                     results.append(row)
                     print(f"{row['engine']} gen {gen} batch {bs} {cache:>6} {rule}: nfe {row['nfe']}  row-forwards "
                           f"{row['row_forwards']}  occupancy {row['occupancy']:.2f}  {row['tokens_per_s']:.1f} tok/s  "
-                          f"{wall:.2f}s  peak {row['peak_mib']:.0f} MiB", flush=True)
+                          f"{wall:.2f}s  ({row['tokens_per_cpu_s']:.1f} tok per CPU s)  peak {row['peak_mib']:.0f} MiB",
+                          flush=True)
     return dict(info=_info(a, model, workload="mixed", n_prompts=len(prompts),
                            mean_prompt_tokens=sum(map(len, prompts)) / len(prompts)), results=results)
 
@@ -225,17 +231,27 @@ def merge(paths: list[str]) -> str:
     for r in runs:
         for row in r["results"]:
             groups.setdefault((row["cache"], row["rule"], row["batch"], row["engine"]), []).append(row)
-    med = {k: {f: statistics.median(x[f] for x in v) for f in ("nfe", "row_forwards", "occupancy", "tokens",
-                                                                "tokens_per_s", "peak_mib")} | {"n": len(v)}
-           for k, v in groups.items()}
-    lines = ["| cache | batch | engine | runs | NFE | row-forwards | occupancy | tokens | tokens/s (median) | "
-             "continuous / lock-step |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for cache, rule, bs, engine in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != "lock-step")):
+    fields = ("nfe", "row_forwards", "occupancy", "tokens", "tokens_per_s", "tokens_per_cpu_s", "peak_mib")
+    med = {k: {f: statistics.median(x[f] for x in v) for f in fields} | {"n": len(v)} for k, v in groups.items()}
+    lines = ["| cache | batch | engine | runs | NFE | row-forwards | occupancy | tokens | tokens/s | ratio | "
+             "tokens per CPU s | ratio |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    # ratio: continuous / lock-step on the same (unsorted) prompts; a sorted lock-step row gets its ratio to the
+    # continuous engine's (which admits shortest first whatever the input order)
+    for cache, rule, bs, engine in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] == "continuous", k[3])):
         m = med[(cache, rule, bs, engine)]
         base = med.get((cache, rule, bs, "lock-step"))
-        ratio = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if engine == "continuous" and base else ""
+        cont = med.get((cache, rule, bs, "continuous"))
+
+        def ratio(f):
+            if engine == "continuous" and base:
+                return f"{m[f] / base[f]:.2f}x"
+            if engine == "lock-step (sorted)" and cont:
+                return f"{cont[f] / m[f]:.2f}x"
+            return ""
+
         lines.append(f"| {cache} ({rule}) | {bs} | {engine} | {m['n']} | {m['nfe']:.0f} | {m['row_forwards']:.0f} | "
-                     f"{m['occupancy']:.2f} | {m['tokens']:.0f} | {m['tokens_per_s']:.0f} | {ratio} |")
+                     f"{m['occupancy']:.2f} | {m['tokens']:.0f} | {m['tokens_per_s']:.0f} | {ratio('tokens_per_s')} | "
+                     f"{m['tokens_per_cpu_s']:.0f} | {ratio('tokens_per_cpu_s')} |")
     i = runs[0]["info"]
     return (f"model {i['model']} ({i['shape']['params'] / 1e6:.2f}M params), {i['device']} {i['dtype']}, "
             f"{i['threads']} threads, {i.get('n_prompts')} prompts\n\n" + "\n".join(lines))
@@ -301,11 +317,12 @@ def mixed_table(report: dict) -> str:
     i = report["info"]
     lines = [f"{i['engine']} engine ({i['fastdllm']}), model {i['model']}, {i['device']} {i['dtype']}, "
              f"{i['threads']} threads, {i['n_prompts']} prompts", "",
-             "| cache | rule | batch | NFE | row-forwards | occupancy | tokens | tokens/s | peak MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| cache | rule | batch | NFE | row-forwards | occupancy | tokens | tokens/s | tokens per CPU s | peak MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(f"| {r['cache']} | {r['rule']} | {r['batch']} | {r['nfe']} | {r['row_forwards']} | "
-                     f"{r['occupancy']:.2f} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['peak_mib']:.0f} |")
+                     f"{r['occupancy']:.2f} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | "
+                     f"{r['peak_mib']:.0f} |")
     return "\n".join(lines)
 
 

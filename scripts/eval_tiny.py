@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import fastdllm
-from fastdllm.decoding import CACHE_MODES
+from fastdllm.policies import CACHE_POLICIES
 from fastdllm.tasks import TASKS, problems
 
 GEN_LENGTH, BLOCK_LENGTH = 32, 8
@@ -41,15 +41,11 @@ def evaluate(model, tok, cache: str, rule: str, probs_by_task, batch_size: int) 
                                 **{"steps": GEN_LENGTH, **fields, "cache": cache})
     row = dict(cache=cache, rule=rule, label=label, tasks={})
     for task, probs in probs_by_task.items():
-        correct, nfe, n_tok, wall = 0, 0, 0, 0.0
-        for i in range(0, len(probs), batch_size):
-            chunk = probs[i : i + batch_size]
-            out = fastdllm.generate(model, tok.encode_batch([p.prompt for p in chunk]), cfg)
-            texts = tok.decode_batch(out.tokens)
-            correct += sum(t == p.answer for t, p in zip(texts, chunk))
-            nfe += sum(out.nfe)
-            n_tok += out.stats["generated_tokens"]
-            wall += out.stats["wall_seconds"]
+        # one continuous-batching call per task: batch_size rows in flight
+        out = fastdllm.generate(model, tok.encode_batch([p.prompt for p in probs]), cfg, max_batch_size=batch_size)
+        texts = tok.decode_batch(out.tokens)
+        correct = sum(t == p.answer for t, p in zip(texts, probs))
+        nfe, n_tok, wall = sum(out.nfe), out.stats["generated_tokens"], out.stats["wall_seconds"]
         n = len(probs)
         row["tasks"][task] = dict(n=n, accuracy=correct / n, mean_nfe=nfe / n, generated_tokens=n_tok,
                                   wall_seconds=wall, tokens_per_second=n_tok / wall if wall > 0 else 0.0)
@@ -105,9 +101,9 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="tiny", help="built-in name or checkpoint directory (default: tiny)")
     ap.add_argument("--n", type=int, default=1000, help="problems per task")
     ap.add_argument("--seed", type=int, default=1234, help="seed of the problem draw")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--caches", default=",".join(CACHE_MODES),
-                    help=f"comma-separated cache modes (default: all of {', '.join(CACHE_MODES)})")
+    ap.add_argument("--batch-size", type=int, default=128, help="rows in flight")
+    ap.add_argument("--caches", default=",".join(CACHE_POLICIES),
+                    help=f"comma-separated cache modes (default: all of {', '.join(CACHE_POLICIES)})")
     ap.add_argument("--rules", default=",".join(RULE_SETTINGS),
                     help=f"comma-separated rules (default: {', '.join(RULE_SETTINGS)})")
     ap.add_argument("--tasks", default=",".join(TASKS),
@@ -122,7 +118,7 @@ def parse_args(argv=None):
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.seed < 0:
         ap.error(f"--seed must be >= 0, got {args.seed}")
-    for name, known in (("caches", CACHE_MODES), ("rules", tuple(RULE_SETTINGS)), ("tasks", TASKS + tuple(EXTRA_SETS))):
+    for name, known in (("caches", tuple(CACHE_POLICIES)), ("rules", tuple(RULE_SETTINGS)), ("tasks", TASKS + tuple(EXTRA_SETS))):
         items = [s.strip() for s in getattr(args, name).split(",") if s.strip()]
         bad = [s for s in items if s not in known]
         if not items or bad:
