@@ -4,8 +4,8 @@ One `generate()` serves every cache mode (the policies of fastdllm/policies.py).
 rows in flight; each row walks its own blocks (the step after its block has no masks left is its next block's
 refresh) and a row that is done leaves at once, its slot going to the next waiting prompt (shortest first). A
 step reads: admit rows -> forward (the policy's, one per kind of row) -> propose -> commit -> retire. Prompts are
-left-padded to the longest one; pad keys are masked out and RoPE positions count from each row's first real token, so a row
-decodes exactly as it would alone (DESIGN.md, "Decoding semantics").
+left-padded to the longest one; pad keys are masked out and RoPE positions count from each row's first real token,
+so a row decodes exactly as it would alone (DESIGN.md, "Decoding semantics").
 """
 
 from __future__ import annotations
@@ -200,9 +200,9 @@ def _propose_rows(logits: torch.Tensor, cfg: DecodeConfig, gens, mask_id: int, b
 def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *, row_ids=None,
              max_batch_size: int | None = None, max_blocks: int | None = None) -> GenerateOutput:
     """Decode prompts (lists of token ids, any lengths, any number) with at most `max_batch_size` rows in flight
-    (None: all of them); waiting prompts join shortest first, outputs keep the input order. `row_ids` (ints) seed per-row noise; by default a row's id
-    is its index. `max_blocks` (benchmarks) decodes only the first blocks of the full-length problem; the tokens
-    of the blocks not decoded are left out."""
+    (None: all of them); waiting prompts join shortest first, outputs keep the input order. `row_ids` (ints) seed
+    per-row noise; by default a row's id is its index. `max_blocks` (benchmarks) decodes only the first blocks of
+    the full-length problem; the tokens of the blocks not decoded are left out."""
     cfg = config or DecodeConfig()
     mc = model.config
     prompts = check_prompts(prompts, model, cfg.gen_length)
@@ -244,8 +244,18 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
     forwards = row_forwards = flops = 0
     offsets = torch.arange(bl, device=dev)
 
-    policy.admit(rows.add(take(rows.slots), []))
-    while rows.n:
+    holes: list[int] = []  # slots of the rows that finished in the last step
+    while True:
+        # admit: waiting prompts take the finished rows' slots, then free ones; holes left over are closed
+        joined = rows.add(take(len(holes) + rows.slots - rows.n), holes)
+        if holes:
+            src, dst = rows.drop(holes)
+            if src:
+                policy.move(src, dst)
+        policy.admit(joined)
+        if not rows.n:
+            break
+
         # forward: the policy runs the step for every row in flight, one forward per kind of row
         n = rows.n
         starts = rows.block_starts()  # (n,)
@@ -279,29 +289,11 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
             left_host, hit_host = torch.stack((left, hit.long())).tolist()
         else:
             left_host, hit_host = left.tolist(), [0] * n
-        finished = []
-        for i in range(n):
-            rows.nfe[i] += 1
-            rows.step[i] += 1
-            rows.left[i] = left_host[i]
-            if left_host[i]:
-                continue
-            if hit_host[i] or rows.block[i] + 1 == n_blocks:
-                finished.append(i)
-            else:  # its next step is the next block's refresh
-                rows.block[i], rows.step[i], rows.left[i] = rows.block[i] + 1, 0, bl
-        if not finished:
-            continue
-        done = rows.x[torch.tensor(finished, device=dev), P : P + n_blocks * bl].tolist()
-        for i, toks in zip(finished, done):
-            out_tokens[rows.index[i]], nfe_out[rows.index[i]] = toks, rows.nfe[i]
-        holes = list(finished)
-        joined = rows.add(take(len(holes)), holes)  # fills holes first; those left over are dropped
+        holes = rows.advance(left_host, hit_host, n_blocks)
         if holes:
-            src, dst = rows.drop(holes)
-            if src:
-                policy.move(src, dst)
-        policy.admit(joined)
+            done = rows.x[torch.tensor(holes, device=dev), P : P + n_blocks * bl].tolist()
+            for i, toks in zip(holes, done):
+                out_tokens[rows.index[i]], nfe_out[rows.index[i]] = toks, rows.nfe[i]
 
     tokens, reasons = [], []
     stop_set = set(stop_ids.tolist())

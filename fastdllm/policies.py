@@ -48,7 +48,7 @@ class CachePolicy(Protocol):
 
     def forward(self, model: DiffusionLM, rows: "Rows", starts: torch.Tensor, select: torch.Tensor) -> Step:
         """Logits for positions starts[:, None] + select (n, M) of every row in flight, with one forward per kind
-        of row."""
+        of row (their final states share one output projection)."""
 
 
 def _head_flops(model: DiffusionLM, n_rows: int, n_out: int) -> int:
@@ -79,7 +79,8 @@ class NoCache:
 class _KVPolicy:
     """Shared by `prefix` and `dual`: preallocated key/value buffers, one slot per row in flight. Rows at step 0
     take part in a refresh forward (every position, stored); the others in one cached forward whose query window
-    the subclass chooses."""
+    the subclass chooses in `cached_step(model, window, slots, starts, select, first block, last block, first
+    generated column)`, which returns the final states for the selected positions and the query length."""
 
     def __init__(self, model: DiffusionLM, cfg: "DecodeConfig", slots: int, prompt_len: int):
         self.cache = KVCache.allocate(model.config, slots, prompt_len + cfg.gen_length, model.device, model.dtype)
@@ -98,7 +99,7 @@ class _KVPolicy:
         refresh = [i for i in range(n) if rows.step[i] == 0]
         cached = [i for i in range(n) if rows.step[i] != 0]
         groups = [(g, kind) for g, kind in ((refresh, "refresh"), (cached, "cached")) if g]
-        logits, batches, flops = None, [], 0
+        states, batches, flops = None, [], 0
         for host, kind in groups:
             part = None if len(host) == n else torch.tensor(host, device=rows.x.device)  # None: every row
             pick = (lambda t: t[:n]) if part is None else (lambda t: t.index_select(0, part))
@@ -107,21 +108,21 @@ class _KVPolicy:
             L = w.x.shape[1]
             if kind == "refresh":
                 h = model.hidden(w.x, w.positions, w.key_mask, self.cache.for_rows(part, first=w.first), 0)
-                lg = model.output(h, 0, s, None, sel)  # h: (b, L, d)
+                hs = model.output_states(h, 0, s, None, sel)  # h: (b, L, d)
                 f = model.forward_flops(L, L)
             else:
-                lg, q_len = self.cached_step(model, w, part, s, sel, min(rows.block[i] for i in host),
+                hs, q_len = self.cached_step(model, w, part, s, sel, min(rows.block[i] for i in host),
                                              max(rows.block[i] for i in host), rows.P - w.first)
                 f = model.forward_flops(q_len, L)
             flops += len(host) * f + _head_flops(model, len(host), sel.shape[1])
             batches.append(len(host))
             if part is None:
-                logits = lg
-            else:
-                if logits is None:
-                    logits = lg.new_empty((n, *lg.shape[1:]))
-                logits.index_copy_(0, part, lg)
-        return Step(logits, batches, flops)
+                states = hs
+            else:  # the rows' final states, merged: one output projection (and one logits tensor) per step
+                if states is None:
+                    states = hs.new_empty((n, *hs.shape[1:]))
+                states.index_copy_(0, part, hs)
+        return Step(model.project(states), batches, flops)
 
 
 class PrefixCache(_KVPolicy):
@@ -137,7 +138,7 @@ class PrefixCache(_KVPolicy):
             write = torch.arange(q0, L, device=s.device)[None, :] >= (s - self.shift)[:, None]  # (b, L - q0)
         cache = self.cache.for_rows(part, write, w.first)
         h = model.hidden(w.x[:, q0:], w.positions[:, q0:], w.key_mask, cache, q0)  # (b, L - q0, d)
-        return model.output(h, q0, s, None, sel), L - q0
+        return model.output_states(h, q0, s, None, sel), L - q0
 
 
 class DualCache(_KVPolicy):
@@ -149,7 +150,7 @@ class DualCache(_KVPolicy):
         q = (s - self.shift)[:, None] + torch.arange(L, device=s.device)  # (b, L) each row's block window
         cache = self.cache.for_rows(part, first=w.first)
         h = model.hidden(w.x.gather(1, q), w.positions.gather(1, q), w.key_mask, cache, q)  # (b, L, d)
-        return model.output(h, s - self.shift, s, None, sel), L
+        return model.output_states(h, s - self.shift, s, None, sel), L
 
 
 class DllmCache:

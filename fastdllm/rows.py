@@ -110,6 +110,23 @@ class Rows:
             used.append(slot)
         return used
 
+    def advance(self, left: list[int], stopped: list[int], n_blocks: int) -> list[int]:
+        """After a step every row took part in: count its NFE and step, and move a row whose block has no masks
+        `left` to its next block (its next step is that block's refresh). Returns the slots of the rows that are
+        done: block complete and a stop token committed (`stopped`) or the last block complete."""
+        done = []
+        for i in range(self.n):
+            self.nfe[i] += 1
+            self.step[i] += 1
+            self.left[i] = left[i]
+            if left[i]:
+                continue
+            if stopped[i] or self.block[i] + 1 == n_blocks:
+                done.append(i)
+            else:
+                self.block[i], self.step[i], self.left[i] = self.block[i] + 1, 0, self.bl
+        return done
+
     def drop(self, holes: list[int]) -> tuple[list[int], list[int]]:
         """Retire the rows in slots `holes` for good: the last live rows move into the holes below the new row
         count. Returns the moves (source slots, destination slots) for the policies to mirror."""

@@ -25,7 +25,8 @@ script once more with PYTHONPATH pointing at a checkout of the lock-step engine 
 and `--merge` the JSON files (medians over repeated runs, continuous / lock-step ratios):
 
     python scripts/bench_decode.py --workload mixed --model tiny --threads 1 --json cb1.json
-    PYTHONPATH=/path/to/lockstep python scripts/bench_decode.py --workload mixed --model tiny --threads 1 --json ls1.json
+    PYTHONPATH=/path/to/lockstep python scripts/bench_decode.py --workload mixed --model tiny --threads 1 \
+        --json ls1.json
     python scripts/bench_decode.py --merge cb*.json ls*.json
 """
 
@@ -317,7 +318,8 @@ def mixed_table(report: dict) -> str:
     i = report["info"]
     lines = [f"{i['engine']} engine ({i['fastdllm']}), model {i['model']}, {i['device']} {i['dtype']}, "
              f"{i['threads']} threads, {i['n_prompts']} prompts", "",
-             "| cache | rule | batch | NFE | row-forwards | occupancy | tokens | tokens/s | tokens per CPU s | peak MiB |",
+             "| cache | rule | batch | NFE | row-forwards | occupancy | tokens | tokens/s | tokens per CPU s | "
+             "peak MiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(f"| {r['cache']} | {r['rule']} | {r['batch']} | {r['nfe']} | {r['row_forwards']} | "

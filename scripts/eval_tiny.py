@@ -118,7 +118,8 @@ def parse_args(argv=None):
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.seed < 0:
         ap.error(f"--seed must be >= 0, got {args.seed}")
-    for name, known in (("caches", tuple(CACHE_POLICIES)), ("rules", tuple(RULE_SETTINGS)), ("tasks", TASKS + tuple(EXTRA_SETS))):
+    for name, known in (("caches", tuple(CACHE_POLICIES)),
+                        ("rules", tuple(RULE_SETTINGS)), ("tasks", TASKS + tuple(EXTRA_SETS))):
         items = [s.strip() for s in getattr(args, name).split(",") if s.strip()]
         bad = [s for s in items if s not in known]
         if not items or bad:

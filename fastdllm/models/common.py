@@ -277,14 +277,22 @@ class DiffusionLM(nn.Module):
         [h_start, h_start + L), applying the family's logit shift (position 0 keeps its own output); with
         `select` (B, M), indices into [lo, hi), only those rows go through the norm and output projection.
         Per row (continuous batching): h_start and lo may be (B,) tensors; `select` is then required."""
+        return self.project(self.output_states(h, h_start, lo, hi, select))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (B, M, V) from final hidden states (B, M, d): the final norm and the output projection."""
+        return self.lm_head(self.norm(h))
+
+    def output_states(self, h: torch.Tensor, h_start, lo, hi: int | None = None,
+                      select: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states (B, M, d) `output` projects (so forwards of different rows can share one projection)."""
         if isinstance(lo, int) and isinstance(h_start, int) and lo - self.config.logit_shift < h_start \
                 and (lo or h_start):
             raise ValueError(f"hidden states from position {h_start} do not cover logits for [{lo}, {hi})")
         pos = block_positions(lo, hi, select, h.shape[0], h.device)  # (B, M)
         raw = (pos - self.config.logit_shift).clamp_min(0)  # the output each position reads
         raw = raw - (h_start[:, None] if isinstance(h_start, torch.Tensor) else h_start)
-        h = h.gather(1, raw[..., None].expand(-1, -1, h.shape[-1]))  # (B, M, d)
-        return self.lm_head(self.norm(h))
+        return h.gather(1, raw[..., None].expand(-1, -1, h.shape[-1]))  # (B, M, d)
 
     def logits_for(self, x, positions, key_mask, cache, q_start: int, q_end: int, lo: int, hi: int,
                    select: torch.Tensor | None = None):
