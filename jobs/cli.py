@@ -1,7 +1,8 @@
 """`fastdllm` console script: parse arguments and hand off; no logic lives here.
 
 Exit codes: 0 every planned shard committed and verified; 1 some shards missing (each named, with why); 2 invalid
-manifest, input or output, or an output another run holds (one line on stderr, detected before any work).
+manifest, input, output or cluster address, or an output another run holds (one line on stderr, detected before
+any work); 130 stopped by Ctrl-C, 143 stopped by SIGTERM (actors killed, summary written; rerun to resume).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import click
 from fastdllm.policies import CACHE_POLICIES
 from fastdllm.rules import RULES
 
-from .manifest import InvalidJob
+from .manifest import InvalidJob, refuse_inline_secret
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -44,23 +45,34 @@ def main():
 @click.option("--force", is_flag=True, help="Discard an existing output made with another input or config "
                                             "(never while another run holds the output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--dashboard/--no-dashboard", default=True, show_default=True,
+              help="Start the Ray dashboard (and its metrics) with a local Ray; a joined cluster keeps its own.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs (one line per committed shard).")
-def run(manifest, overrides, address, force, progress, verbose):
+def run(manifest, overrides, address, force, progress, dashboard, verbose):
     """Run (or resume) the job in MANIFEST; committed shards of an earlier run are kept."""
+    from .cluster import JobInterrupted
     from .manifest import load_manifest
     from .runner import run_job
 
     _setup_logging(verbose)
     try:
         spec = load_manifest(manifest, overrides)
-        result = run_job(spec, address=address, force=force, progress=progress)
+        result = run_job(spec, address=address, force=force, progress=progress, dashboard=dashboard)
     except InvalidJob as e:
         _fail(e)
+    except (KeyboardInterrupt, JobInterrupted) as e:  # before any shard ran: nothing to summarise
+        code = e.exit_code if isinstance(e, JobInterrupted) else 130
+        click.echo(f"stopped by {e or 'SIGINT'}; rerun the same command to resume", err=True)
+        sys.exit(code)
     s = result.summary
     t = s.totals
     click.echo(f"{s.committed}/{s.shards} shards committed in {result.output_uri}: {t.rows} rows "
                f"({t.error_rows} bad), {t.generated_tokens} tokens; this run {s.run.shards_run} shards "
                f"at {s.run.tokens_per_second:.1f} tokens/s")
+    if result.interrupted:
+        click.echo(f"stopped by {result.interrupted}: {len(s.missing)} of {s.shards} shards not committed; rerun "
+                   "the same command to resume", err=True)
+        sys.exit(result.interrupted.exit_code)
     if not result.ok:
         for missing in s.missing:
             click.echo(missing.line(), err=True)
@@ -119,6 +131,8 @@ def status(output_uri, options, shards, quick):
             _fail(InvalidJob(f"--storage-option {item!r} is not KEY=VALUE"))
         opts[k] = v
     try:
+        for k, v in opts.items():
+            refuse_inline_secret("-o", k, v)
         st = job_status(output_uri, opts, verify=not quick)
     except InvalidJob as e:
         _fail(e)

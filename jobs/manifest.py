@@ -63,8 +63,16 @@ class WorkersSpec(_Strict):
                                                   "prompts join in length order).")
     max_retries: int = Field(2, ge=0, description="Extra attempts for a shard whose worker died, raised or timed out.")
     shard_timeout_s: float | None = Field(None, gt=0, description=(
-        "Give up on a shard attempt after this many seconds from dispatch (for a new actor that includes its model "
-        "load); the actor is replaced and the shard retried. None: no limit."))
+        "Give up on a shard attempt after this many seconds from dispatch to a loaded actor; the actor is replaced "
+        "and the shard retried. None: 5x the slowest shard committed so far, at least min_shard_timeout_s (no "
+        "limit until one has committed)."))
+    min_shard_timeout_s: float = Field(600, gt=0, description="Floor of the derived shard timeout.")
+    placement_timeout_s: float = Field(900, gt=0, description=(
+        "On a joined cluster, give up on the remaining shards (exit 1) when no actor could be placed for this "
+        "long: the cluster lacks the GPUs/CPUs each actor asks for, and no autoscaler added them."))
+    heartbeat_s: float = Field(60, gt=0, description=(
+        "Log a progress line this often while nothing commits, and a 'waiting for N actors' line while actors "
+        "wait for resources."))
 
 
 class FaultSpec(_Strict):
@@ -140,7 +148,20 @@ def apply_overrides(raw: dict, overrides) -> dict:
             node[p] = child
             node = child
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+        refuse_inline_secret("--set", key.strip(), node[parts[-1]])
     return raw
+
+
+def refuse_inline_secret(flag: str, key: str, value) -> None:
+    """A secret given on the command line shows in shell history, process lists and the Ray jobs API (the
+    entrypoint): refuse it (InvalidJob) and point to an environment reference instead."""
+    from workers.storage import redact
+
+    _, hidden = redact({key.rsplit(".", 1)[-1]: value}, path=key.rsplit(".", 1)[0] if "." in key else "")
+    if hidden:
+        raise InvalidJob(f"{flag} {key}: a secret on the command line shows in shell history, process lists and the "
+                         f"Ray jobs API; put it in an environment variable and write {flag} '{key}=${{VAR}}' (or "
+                         "the reference in the manifest)")
 
 
 def parse_manifest(raw, overrides=(), source: str = "manifest") -> Manifest:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workers import Shard
-from workers.storage import filesystem, parquet_footer
+from workers.storage import filesystem, parquet_footer, storage_error
 
 from .manifest import InvalidJob, Manifest
 
@@ -76,8 +76,8 @@ def list_input_files(uri: str, storage_options: dict) -> list[tuple[str, str]]:
             raise InvalidJob(f"input.uri {uri} does not exist")
     except InvalidJob:
         raise
-    except OSError as e:  # permissions, unreachable endpoint, missing bucket
-        raise InvalidJob(f"cannot list input.uri {uri}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # permissions, unreachable endpoint, missing bucket or credentials, bad options
+        raise InvalidJob(f"cannot list input.uri {uri}: {storage_error(e)}") from None
     out = []
     for p in found:
         rel = p[len(base) :].lstrip("/") if base and p.startswith(base) else Path(p).name
@@ -109,8 +109,8 @@ def _inspect(uri: str, relpath: str, m: Manifest) -> tuple[InputFile, pa.Array |
             rows = pf.metadata.num_rows
     except InvalidJob:
         raise
-    except (OSError, pa.ArrowException) as e:
-        raise InvalidJob(f"input file {uri} is unreadable or not valid Parquet: {type(e).__name__}: {e}") from None
+    except Exception as e:  # storage errors of any fsspec backend, arrow errors
+        raise InvalidJob(f"input file {uri} is unreadable or not valid Parquet: {storage_error(e)}") from None
     return InputFile(uri, relpath, rows, size, hashlib.sha256(footer).hexdigest()), ids
 
 
@@ -120,10 +120,13 @@ def _check_ids(ids: list[pa.ChunkedArray], files: list[InputFile], column: str) 
             raise InvalidJob(f"input {f.uri} has {arr.null_count} null ids in column {column!r}; every row needs one")
         if not (pa.types.is_integer(arr.type) or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
             raise InvalidJob(f"input {f.uri}: id column {column!r} has type {arr.type}; use integers or strings")
-    try:
-        allids = pa.chunked_array([c for a in ids for c in a.chunks])
-    except pa.ArrowInvalid:
-        raise InvalidJob(f"input files disagree on the type of id column {column!r}") from None
+    types = {}
+    for arr, f in zip(ids, files):
+        types.setdefault(str(arr.type), f.relpath)
+    if len(types) > 1:
+        raise InvalidJob(f"input files disagree on the type of id column {column!r} ("
+                         f"{', '.join(f'{t} in {rel}' for t, rel in types.items())}); write every file with one type")
+    allids = pa.chunked_array([c for a in ids for c in a.chunks], type=ids[0].type)
     if len(pc.unique(allids)) != len(allids):
         counts = pc.value_counts(allids)
         dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
@@ -174,6 +177,10 @@ def check_model_source(m: Manifest) -> dict:
             raise ValueError(f"model directory {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})")
     except (ValueError, OSError) as e:
         raise InvalidJob(f"model.source: {e}") from None
+    gen = m.decode["gen_length"]
+    if gen >= cfg.max_seq_len:  # every prompt would be too long: fail here, not after loading the model everywhere
+        raise InvalidJob(f"decode.gen_length is {gen} but model {src} takes {cfg.max_seq_len} positions (prompt + "
+                         f"generated); lower decode.gen_length below {cfg.max_seq_len}")
     return {"family": cfg.family, "max_seq_len": cfg.max_seq_len}
 
 

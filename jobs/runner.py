@@ -1,7 +1,6 @@
-"""The Ray driver: validate and plan, take the output's lease, prepare the output (resume check, job.json), run
-the pending shards on plain actors (one model load each, shards handed out one at a time as actors free up),
-retry shards whose worker died or raised (not those whose input is bad), then verify every planned shard and
-write summary.json. `ray` is imported here and nowhere below jobs/."""
+"""The job driver: validate and plan, take the output's lease, prepare the output (resume check, job.json), run
+the pending shards on Ray actors (jobs/cluster.py connects, jobs/dispatch.py hands shards out, retries and
+watches), then verify every planned shard and write summary.json. `ray` is imported in jobs/ only, never below."""
 
 from __future__ import annotations
 
@@ -9,17 +8,19 @@ import logging
 import os
 import platform
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import fastdllm
-from workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard, ShardDataError,
-                     ShardRecord, ShardStats, ShardWorker, WorkerSettings)
+from workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard, ShardRecord,
+                     ShardStats, WorkerSettings)
 from workers.output import now
-from workers.storage import redact
+from workers.storage import redact, storage_error
 
+from .cluster import JobInterrupted, actors_that_fit, check_reachable, connect, stop_on_signals
+from .dispatch import Dispatcher, Outcome
 from .manifest import InvalidJob, Manifest
+from .metrics import JobMetrics
 from .plan import Plan, check_model_source, make_plan
 
 log = logging.getLogger("fastdllm.jobs")
@@ -30,11 +31,12 @@ class JobResult:
     output_uri: str
     summary: JobSummary
     problem: str | None = None  # the run could not finish its own bookkeeping (lost lease, summary not written)
+    interrupted: JobInterrupted | None = None  # the signal that stopped the run early
 
     @property
     def ok(self) -> bool:
         """Every planned shard committed and verified (exit 0)."""
-        return self.summary.complete and self.problem is None
+        return self.summary.complete and self.problem is None and self.interrupted is None
 
     @property
     def failed(self) -> dict[int, str]:
@@ -87,7 +89,7 @@ def open_output(m: Manifest) -> JobOutput:
     try:
         return JobOutput(m.output.uri, m.storage_options)
     except (ValueError, ImportError, OSError) as e:
-        raise InvalidJob(f"output.uri {m.output.uri} is not usable: {type(e).__name__}: {e}") from None
+        raise InvalidJob(f"output.uri {m.output.uri} is not usable: {storage_error(e)}") from None
 
 
 def take_lease(out: JobOutput, m: Manifest) -> Lease:
@@ -98,8 +100,8 @@ def take_lease(out: JobOutput, m: Manifest) -> Lease:
         lease.acquire()
     except LeaseHeld as e:
         raise InvalidJob(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise InvalidJob(f"output.uri {m.output.uri} is not writable: {type(e).__name__}: {e}") from None
+    except Exception as e:  # storage errors of any fsspec backend: endpoint, credentials, options, timeouts
+        raise InvalidJob(f"output.uri {m.output.uri} is not writable: {storage_error(e)}") from None
     return lease
 
 
@@ -115,8 +117,8 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
         log.warning("--force: %s; starting over", e)
         old = None
         out.clear()
-    except OSError as e:
-        raise InvalidJob(f"output.uri {m.output.uri} is not usable: {type(e).__name__}: {e}") from None
+    except Exception as e:  # storage errors of any fsspec backend
+        raise InvalidJob(f"output.uri {m.output.uri} is not usable: {storage_error(e)}") from None
     if old is not None:
         changes = []
         if old.get("plan", {}).get("fingerprint") != plan.fingerprint:
@@ -142,8 +144,8 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
            "created_at": (old or {}).get("created_at") or now()}
     try:
         out.write_job(job)
-    except (OSError, ValueError) as e:
-        raise InvalidJob(f"output.uri {m.output.uri} is not writable: {type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise InvalidJob(f"output.uri {m.output.uri} is not writable: {storage_error(e)}") from None
 
 
 def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], reported: set[int], run: RunStats,
@@ -170,23 +172,15 @@ def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], repor
     return JobSummary(shards=len(plan.shards), committed=len(scan.committed), missing=missing, totals=totals, run=run)
 
 
-def _init_ray(address: str | None):
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=True, configure_logging=False)
-    return True
-
-
-def run_job(m: Manifest, *, address: str | None = None, force: bool = False, progress: bool | None = None
-            ) -> JobResult:
-    """Run (or resume) a job; InvalidJob for a bad manifest, input or output (or an output another run holds),
-    raised before any shard runs. The result is ok only when every planned shard is committed and verified."""
+def run_job(m: Manifest, *, address: str | None = None, force: bool = False, progress: bool | None = None,
+            dashboard: bool = True) -> JobResult:
+    """Run (or resume) a job; InvalidJob for a bad manifest, input, output or cluster address (or an output another
+    run holds), raised before any shard runs. The result is ok only when every planned shard is committed and
+    verified. SIGTERM / SIGINT during the run stop it cleanly: JobResult.interrupted names the signal."""
     check_model_source(m)
     m = absolute_uris(m)
     plan = make_plan(m)
+    check_reachable(address)  # before the output is touched: a wrong address costs seconds, not minutes
     out = open_output(m)
     lease = take_lease(out, m)
     try:
@@ -196,166 +190,60 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
         log.info("job %s: %d shards (%d rows) in %d files; %d committed, %d to run -> %s", m.name,
                  len(plan.shards), plan.rows, len(plan.files), len(done), len(pending), m.output.uri)
         t0 = time.perf_counter()
-        tokens, failed, reported = 0, {}, set()
+        outcome = Outcome()
         if pending:
-            tokens, failed, reported = _run_shards(m, pending, address, progress, out, lambda: lease.lost)
-        run = RunStats(shards_run=len(pending), generated_tokens=tokens, wall_seconds=time.perf_counter() - t0)
-        summary = summarize(out, plan, failed, reported, run, verified=done)
+            outcome = _run_shards(m, pending, address, progress, dashboard, out, lambda: lease.lost)
+        stopped = outcome.interrupted.args[0] if outcome.interrupted else None
+        run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens,
+                       wall_seconds=time.perf_counter() - t0, interrupted=stopped)
+        summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done)
         if lease.lost:  # another run owns the output now: its summary is not ours to write
-            return JobResult(m.output.uri, summary, lease.lost)
+            return JobResult(m.output.uri, summary, lease.lost, outcome.interrupted)
         try:
             out.write_summary(summary)
         except OSError as e:
             log.error("could not write %s/summary.json: %s: %s", m.output.uri, type(e).__name__, e)
-            return JobResult(m.output.uri, summary, f"summary.json not written ({type(e).__name__}: {e})")
-        return JobResult(m.output.uri, summary)
+            return JobResult(m.output.uri, summary, f"summary.json not written ({type(e).__name__}: {e})",
+                             outcome.interrupted)
+        return JobResult(m.output.uri, summary, interrupted=outcome.interrupted)
     finally:
         lease.release()
 
 
-def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress: bool | None, out: JobOutput,
-                lost: Callable[[], str | None]):
-    """Run shards on `workers.count` actors; returns (generated tokens, {failed shard: why}, {shards workers
-    reported committed}).
-
-    Each actor holds one shard at a time; a free actor takes the next shard in the queue. A failed attempt
-    (the actor process died, the task raised, or it ran past workers.shard_timeout_s) puts the shard back at
-    the end of the queue until it has had max_retries + 1 attempts; a dead or stuck actor is replaced. A shard
-    whose input is bad (ShardDataError) fails at once: retrying cannot help. Each failed attempt leaves
-    logs/NNNNN-attemptK.txt. When `lost()` says the lease was lost, dispatching stops."""
+def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress: bool | None, dashboard: bool,
+                out: JobOutput, lost: Callable[[], str | None]) -> Outcome:
+    """Connect to Ray (jobs/cluster.py), size the actor pool, and run the pending shards (jobs/dispatch.py) until
+    done, interrupted by a signal, or `lost()` says the output's lease went to another run."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
-    from tqdm import tqdm
 
-    started_ray = _init_ray(address)
-    w = m.workers
+    session = connect(address, dashboard=dashboard)
     try:
-        _check_resources(w, strict=started_ray)
-    except InvalidJob:
-        if started_ray:
-            ray.shutdown()
-        raise
-    actor_cls = ray.remote(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0)(ShardWorker)
-    settings = worker_settings(m)
-    slots = list(range(min(w.count, len(pending))))
-    actors = {i: actor_cls.remote(settings) for i in slots}
-    queue: deque[Shard] = deque(pending)
-    attempts: dict[int, int] = {}
-    inflight: dict = {}  # ref -> (slot, shard, dispatch time)
-    idle = list(slots)
-    failed: dict[int, MissingShard] = {}
-    reported: set[int] = set()
-    tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=sum(s.rows for s in pending), unit="row", desc=m.name,
-               disable=None if progress is None else not progress)
-
-    deaths = 0  # actor deaths since the last committed shard
-    give_up_after = (w.max_retries + 1) * len(slots)
-
-    def write_log(shard: Shard, text: str) -> None:
-        try:
-            out.write_log(shard.index, attempts.get(shard.index, 0), text + "\n")
-        except OSError as e:
-            log.warning("could not write %s: %s", out.log_file(shard.index, attempts.get(shard.index, 0)), e)
-
-    def attempt_failed(slot: int, shard: Shard, why: str, replace: bool) -> None:
-        nonlocal deaths
-        deaths += replace
-        if deaths >= give_up_after and replace:  # every actor keeps dying (a model that cannot load, OOM...)
-            for s in [shard, *queue]:
-                failed[s.index] = MissingShard(s.index, "failed", f"{why} (gave up: {deaths} worker deaths in a row)")
-            queue.clear()
-            log.error("workers keep dying (%s); giving up on %d shards", why, len(failed))
-            return
-        if replace:  # a new process; its model loads again
-            ray.kill(actors[slot], no_restart=True)
-            actors[slot] = actor_cls.remote(settings)
-        idle.append(slot)
-        n = attempts[shard.index] = attempts.get(shard.index, 0) + 1
-        if n <= w.max_retries:
-            log.warning("shard %s failed (attempt %d of %d): %s; retrying", shard.name, n, w.max_retries + 1, why)
-            queue.append(shard)
-        else:
-            log.error("shard %s failed after %d attempts: %s", shard.name, n, why)
-            failed[shard.index] = MissingShard(shard.index, "failed", why)
-
-    try:
-        while queue or inflight:
-            if lost():
-                for s in [*queue, *(shard for _, shard, _ in inflight.values())]:
-                    failed[s.index] = MissingShard(s.index, "failed", f"not finished: {lost()}")
-                break
-            while idle and queue:
-                slot, shard = idle.pop(), queue.popleft()
-                ref = actors[slot].run_shard.remote(shard, attempts.get(shard.index, 0))
-                inflight[ref] = (slot, shard, time.perf_counter())
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0 if w.shard_timeout_s else None)
-            if not ready:
-                t = time.perf_counter()
-                for ref, (slot, shard, since) in list(inflight.items()):
-                    if t - since > w.shard_timeout_s:
-                        del inflight[ref]
-                        why = f"timed out after {w.shard_timeout_s:g}s"
-                        write_log(shard, why)
-                        attempt_failed(slot, shard, why, replace=True)
-                continue
-            slot, shard, _ = inflight.pop(ready[0])
-            try:
-                rec = ray.get(ready[0])
-            except (RayActorError, RayTaskError) as e:
-                write_log(shard, str(e))
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, ShardDataError):  # the input is wrong: another attempt reads the same
-                    log.error("shard %s: %s", shard.name, cause)
-                    failed[shard.index] = MissingShard(shard.index, "data", str(cause))
-                    idle.append(slot)
-                    continue
-                attempt_failed(slot, shard, _reason(e), replace=isinstance(e, RayActorError))
-                continue
-            idle.append(slot)
-            deaths = 0
-            reported.add(shard.index)
-            tokens += rec.stats.generated_tokens
-            bar.update(rec.stats.rows)
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
-            log.debug("shard %s committed: %d rows, %.1f tokens/s on %s", shard.name, rec.stats.rows,
-                      rec.stats.tokens_per_second, rec.worker)
+        n = min(actors_that_fit(m.workers, strict=session.started), len(pending))
+        _warn_local_output(m)
+        dispatcher = Dispatcher(m.name, m.workers, worker_settings(m), pending, n, progress=progress,
+                                write_log=lambda shard, attempt, text: _write_attempt_log(out, shard, attempt, text),
+                                lost=lost, metrics=JobMetrics(m.name))
+        with stop_on_signals():
+            return dispatcher.run()
     finally:
-        bar.close()
-        for a in actors.values():
-            ray.kill(a)
-        if started_ray:
+        if session.started:
             ray.shutdown()
-    return tokens, failed, reported
 
 
-def _check_resources(w, strict: bool) -> None:
-    """An actor that asks for more CPUs or GPUs than the whole cluster has would wait forever: refuse it on a
-    local Ray we started (InvalidJob), warn on a joined cluster (an autoscaler may still add nodes)."""
+def _warn_local_output(m: Manifest) -> None:
+    """A local output path on a multi-node cluster is each node's own disk: the shards would end up scattered."""
     import ray
 
-    have = ray.cluster_resources()
-    for name, want in (("GPU", w.num_gpus), ("CPU", w.num_cpus)):
-        if want > have.get(name, 0):
-            msg = (f"workers.num_{name.lower()}s is {want:g} but the Ray cluster has {have.get(name, 0):g} {name}s; "
-                   f"lower it (e.g. --set workers.num_{name.lower()}s=0) or join a cluster with --address")
-            if strict:
-                raise InvalidJob(msg)
-            log.warning("%s; actors will wait until the cluster has them", msg)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1 and ("://" not in m.output.uri or m.output.uri.startswith("file://")):
+        log.warning("output.uri %s is a local path but the cluster has %d nodes: each worker writes to its own "
+                    "node's disk unless the path is on a shared file system; prefer object storage (s3://...)",
+                    m.output.uri, nodes)
 
 
-def _reason(e: Exception) -> str:
-    """One line saying why a shard attempt failed."""
-    from ray.exceptions import RayActorError, RayTaskError
-
-    text = str(e).replace("\x1b[36m", "").replace("\x1b[39m", "")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if isinstance(e, RayActorError):
-        if getattr(e, "_actor_init_failed", False) or "creation task" in text:
-            return f"worker failed to start: {lines[-1][:300]}"  # the last line is the exception
-        return f"worker process died ({lines[0][:200]})" if lines else "worker process died"
-    if isinstance(e, RayTaskError):
-        cause = getattr(e, "cause", None)
-        if cause is not None and not isinstance(cause, RayTaskError):
-            return f"{type(cause).__name__}: {cause}"
-    return f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"
+def _write_attempt_log(out: JobOutput, shard: Shard, attempt: int, text: str) -> None:
+    """logs/NNNNN-attemptK.txt: why attempt K of a shard failed, with the worker's traceback."""
+    try:
+        out.write_log(shard.index, attempt, text)
+    except Exception as e:  # a log that cannot be written must not stop the job
+        log.warning("could not write %s: %s", out.log_file(shard.index, attempt), storage_error(e))

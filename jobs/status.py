@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from workers import JobOutput, MissingShard, ShardRecord, ShardStats
 from workers.output import LeaseInfo, planned_rows
+from workers.storage import storage_error
 
 from .manifest import InvalidJob
 
@@ -33,8 +34,8 @@ def job_status(uri: str, storage_options: dict | None = None, verify: bool = Tru
     try:
         out = JobOutput(uri, storage_options)
         job = out.read_job()
-    except (OSError, ValueError) as e:
-        raise InvalidJob(f"cannot read {uri}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # storage errors of any fsspec backend, a job.json that does not parse
+        raise InvalidJob(f"cannot read {uri}: {storage_error(e)}") from None
     if job is None:
         raise InvalidJob(f"{uri} holds no job (no job.json)")
     planned = planned_rows(job)

@@ -170,13 +170,15 @@ def test_changed_config_or_input_refused_unless_forced(tmp_path, ray_cluster):
 
 
 def test_more_gpus_than_the_cluster_has_warns_on_a_joined_cluster(tmp_path, ray_cluster, caplog):
-    from jobs.runner import _check_resources
+    from jobs.cluster import actors_that_fit
     from jobs.manifest import WorkersSpec
 
     with pytest.raises(InvalidJob, match="workers.num_gpus is 1 but the Ray cluster has 0 GPUs"):
-        _check_resources(WorkersSpec(num_gpus=1), strict=True)
-    _check_resources(WorkersSpec(num_gpus=1), strict=False)
+        actors_that_fit(WorkersSpec(num_gpus=1), strict=True)
+    assert actors_that_fit(WorkersSpec(num_gpus=1, count=2), strict=False) == 2
     assert "actors will wait" in caplog.text
+    assert actors_that_fit(WorkersSpec(count=3), strict=True) == 2  # 2 CPUs: a third actor would never be placed
+    assert actors_that_fit(WorkersSpec(count=3), strict=False) == 3  # a joined cluster may grow
 
 
 def test_worker_dying_mid_shard_is_retried_on_a_new_actor(tmp_path, ray_cluster):
@@ -193,7 +195,7 @@ def test_worker_dying_mid_shard_is_retried_on_a_new_actor(tmp_path, ray_cluster)
 
 def test_stuck_shard_times_out_and_is_retried(tmp_path, ray_cluster):
     ids = write_inputs(tmp_path / "in", n_files=1, rows=6)
-    m = parse_manifest(spec(tmp_path, faults={"hang": {0: 1}}, workers={"shard_timeout_s": 15}))
+    m = parse_manifest(spec(tmp_path, faults={"hang": {0: 1}}, workers={"shard_timeout_s": 8}))
     result = run_job(m, address=ray_cluster)
     assert result.ok, result.failed
     assert sorted(r["id"] for r in output_rows(tmp_path / "out")) == ids

@@ -119,6 +119,7 @@ class RunStats:
     shards_run: int = 0
     generated_tokens: int = 0
     wall_seconds: float = 0.0
+    interrupted: str | None = None  # SIGTERM / SIGINT when a signal stopped the run
 
     @property
     def tokens_per_second(self) -> float:
@@ -151,6 +152,7 @@ class JobSummary:
     @classmethod
     def from_dict(cls, d: dict) -> "JobSummary":
         run = {k: d["run"][k] for k in ("shards_run", "generated_tokens", "wall_seconds")}
+        run["interrupted"] = d["run"].get("interrupted")
         return cls(shards=int(d["shards"]), committed=int(d["committed"]),
                    missing=[MissingShard(**m) for m in d["missing"]], totals=ShardStats.from_dict(d["totals"]),
                    run=RunStats(**run), finished_at=d["finished_at"])

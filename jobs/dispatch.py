@@ -1,0 +1,350 @@
+"""Handing shards to actors, on a local Ray or a joined cluster, without silent waits.
+
+Each actor goes through: placing (Ray has not granted its resources yet; on a joined cluster it may wait for an
+autoscaler) -> loading (its process runs, the model loads) -> idle <-> busy (one shard at a time). Shards go only
+to idle actors, so an actor the cluster cannot place never holds a shard. A failed attempt (the actor died, the
+task raised, or it ran past the shard timeout) goes back to the end of the queue until it has had
+max_retries + 1 attempts; a dead or stuck actor is replaced by a fresh one, which is placed and loaded again. A
+shard whose input is bad (ShardDataError) fails at once: another attempt would read the same.
+
+Nothing waits silently: every `workers.heartbeat_s` the driver logs the actors still waiting for placement and,
+when nothing was committed meanwhile, what is running and for how long; with no actor placed for
+`workers.placement_timeout_s` it gives up on the remaining shards; without `workers.shard_timeout_s` a shard
+attempt times out after max(workers.min_shard_timeout_s, 5x the slowest committed shard)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from workers import MissingShard, Shard, ShardDataError, ShardRecord, ShardWorker, WorkerSettings
+
+from .cluster import JobInterrupted, describe_cluster, describe_need
+from .manifest import WorkersSpec
+
+log = logging.getLogger("fastdllm.jobs")
+
+TIMEOUT_FACTOR = 5  # a derived shard timeout: this many times the slowest committed shard
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class WorkerActor:
+    """A ShardWorker inside a Ray actor. Created empty, so the driver sees when Ray has placed the actor
+    (`placed` returns) apart from when its model has loaded (`load` returns)."""
+
+    def placed(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def load(self, settings: WorkerSettings) -> str:
+        self.worker = ShardWorker(settings)
+        return self.worker.name
+
+    def run_shard(self, shard: Shard, attempt: int) -> ShardRecord:
+        return self.worker.run_shard(shard, attempt)
+
+
+@dataclass
+class Slot:
+    """One actor place of the job; its actor is replaced when it dies or hangs."""
+
+    index: int
+    actor: object = None
+    state: str = "placing"  # placing | loading | idle | busy | stopped (given up)
+    since: float = 0.0  # when it entered `state`
+    where: str = ""  # host:pid once placed
+    shard: Shard | None = None
+
+
+@dataclass
+class Outcome:
+    tokens: int = 0
+    failed: dict[int, MissingShard] = field(default_factory=dict)
+    reported: set[int] = field(default_factory=set)  # shards whose worker said it committed them
+    interrupted: JobInterrupted | None = None
+
+
+class Dispatcher:
+    """Runs `shards` on `n_actors` actors loaded with `settings`; `run()` returns an Outcome.
+
+    write_log(shard, attempt, text) keeps each failed attempt's traceback; `lost()` returns why the run lost the
+    output (its lease went to another run: stop dispatching) or None; metrics (jobs.metrics.JobMetrics or None)
+    records commits, failures and actor states."""
+
+    def __init__(self, name: str, w: WorkersSpec, settings: WorkerSettings, shards: list[Shard], n_actors: int, *,
+                 write_log: Callable[[Shard, int, str], None], lost: Callable[[], str | None] = lambda: None,
+                 metrics=None, progress: bool | None = None):
+        import ray
+
+        self.name, self.w, self.settings = name, w, settings
+        self.write_log, self.lost, self.metrics, self.progress = write_log, lost, metrics, progress
+        self.actor_cls = ray.remote(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0)(WorkerActor)
+        self.queue: deque[Shard] = deque(shards)
+        self.rows, self.total = sum(s.rows for s in shards), len(shards)
+        self.attempts: dict[int, int] = {}
+        self.refs: dict = {}  # object ref -> (slot, "placed" | "loaded" | "shard")
+        self.durations: list[float] = []  # dispatch -> result of each committed shard
+        self.out = Outcome()
+        self.deaths = 0  # actor deaths since the last commit
+        self.give_up_after = (w.max_retries + 1) * n_actors
+        self.slots = [Slot(i) for i in range(n_actors)]
+        now = time.monotonic()
+        self.t0 = self.last_commit = self.last_beat = now
+        self.unplaced_since: float | None = now
+        for slot in self.slots:
+            self._start(slot)
+
+    # -- actors ----------------------------------------------------------------------------------------------
+
+    def _set(self, slot: Slot, state: str) -> None:
+        slot.state, slot.since = state, time.monotonic()
+        if self.metrics:
+            counts = {s: 0 for s in ("placing", "loading", "idle", "busy", "stopped")}
+            for s in self.slots:
+                counts[s.state] += 1
+            self.metrics.actor_states(counts)
+
+    def _start(self, slot: Slot) -> None:
+        """A fresh actor in `slot`: ask Ray to place it, then load its model (both calls queue on the actor)."""
+        slot.actor, slot.where, slot.shard = self.actor_cls.remote(), "", None
+        self.refs[slot.actor.placed.remote()] = (slot, "placed")
+        self.refs[slot.actor.load.remote(self.settings)] = (slot, "loaded")
+        self._set(slot, "placing")
+
+    def _replace(self, slot: Slot) -> None:
+        import ray
+
+        self.refs = {r: v for r, v in self.refs.items() if v[0] is not slot}
+        ray.kill(slot.actor, no_restart=True)
+        self._start(slot)
+
+    def _gave_up(self, why: str) -> bool:
+        """After `give_up_after` actor deaths with no commit in between (a model that cannot load, OOM, a node
+        that keeps failing), fail every queued shard instead of starting actors forever."""
+        if self.deaths < self.give_up_after:
+            return False
+        for s in self.queue:
+            self._fail(s, f"{why} (gave up: {self.deaths} worker deaths in a row)")
+        log.error("workers keep dying (%s); giving up on %d queued shards", why, len(self.queue))
+        self.queue.clear()
+        return True
+
+    def _worker_lost(self, slot: Slot, why: str) -> None:
+        """The actor died before it could take a shard (placement or model load failed)."""
+        self.deaths += 1
+        if self._gave_up(why):
+            self._set(slot, "stopped")
+            return
+        log.warning("worker %d: %s; starting another", slot.index, why)
+        self._replace(slot)
+
+    # -- shards ----------------------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        for slot in self.slots:
+            if not self.queue:
+                return
+            if slot.state == "idle":
+                slot.shard = self.queue.popleft()
+                ref = slot.actor.run_shard.remote(slot.shard, self.attempts.get(slot.shard.index, 0))
+                self.refs[ref] = (slot, "shard")
+                self._set(slot, "busy")
+
+    def _fail(self, shard: Shard, why: str, kind: str = "failed") -> None:
+        self.out.failed[shard.index] = MissingShard(shard.index, kind, why)
+
+    def _attempt_failed(self, slot: Slot, why: str, detail: str, replace: bool, data_error: bool = False) -> None:
+        shard = slot.shard
+        attempt = self.attempts.get(shard.index, 0)
+        when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.write_log(shard, attempt, f"shard {shard.name} attempt {attempt} on {slot.where or '?'} failed at "
+                                       f"{when}: {why}\n\n{detail.rstrip()}\n")
+        if self.metrics:
+            self.metrics.attempt_failed()
+        slot.shard = None
+        if data_error:  # the input is wrong: another attempt reads the same
+            log.error("shard %s: %s", shard.name, why)
+            self._fail(shard, why, kind="data")
+            self._set(slot, "idle")
+            return
+        n = self.attempts[shard.index] = attempt + 1
+        if replace:
+            self.deaths += 1
+            if self._gave_up(why):
+                self._fail(shard, f"{why} (gave up: {self.deaths} worker deaths in a row)")
+                self._set(slot, "stopped")
+                return
+            self._replace(slot)
+        else:
+            self._set(slot, "idle")
+        if n <= self.w.max_retries:
+            log.warning("shard %s failed (attempt %d of %d): %s; retrying", shard.name, n, self.w.max_retries + 1,
+                        why)
+            self.queue.append(shard)
+        else:
+            log.error("shard %s failed after %d attempts: %s", shard.name, n, why)
+            self._fail(shard, why)
+
+    def _committed(self, slot: Slot, rec: ShardRecord, bar) -> None:
+        now = time.monotonic()
+        self.durations.append(now - slot.since)
+        self.deaths, self.last_commit = 0, now
+        self.out.tokens += rec.stats.generated_tokens
+        self.out.reported.add(rec.shard)
+        slot.shard = None
+        self._set(slot, "idle")
+        if self.metrics:
+            self.metrics.shard_committed(rec.stats)
+        bar.update(rec.stats.rows)
+        bar.set_postfix(tok_s=f"{self.out.tokens / (now - self.t0):.1f}", refresh=False)
+        log.debug("shard %05d committed: %d rows, %.1f tokens/s on %s", rec.shard, rec.stats.rows,
+                  rec.stats.tokens_per_second, rec.worker)
+
+    def _handle(self, ref, bar) -> None:
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
+        slot, kind = self.refs.pop(ref)
+        try:
+            value = ray.get(ref)
+        except RayError as e:
+            if kind == "shard":
+                detail = _ANSI.sub("", getattr(e, "traceback_str", None) or str(e))  # the worker's own traceback
+                data_error = isinstance(getattr(e, "cause", None), ShardDataError)
+                self._attempt_failed(slot, str(e.cause) if data_error else _reason(e), detail,
+                                     replace=not isinstance(e, RayTaskError), data_error=data_error)
+            elif kind == "loaded" and isinstance(e, RayTaskError):
+                self._worker_lost(slot, f"worker could not load the model: {_reason(e)}")
+            else:
+                self._worker_lost(slot, _reason(e))
+            return
+        if kind == "placed":
+            slot.where = value
+            self._set(slot, "loading")
+            log.debug("worker %d placed on %s; loading the model", slot.index, value)
+        elif kind == "loaded":
+            self._set(slot, "idle")
+            log.info("worker %d ready on %s", slot.index, value)
+        else:
+            self._committed(slot, value, bar)
+
+    # -- watching --------------------------------------------------------------------------------------------
+
+    def shard_timeout(self) -> float | None:
+        """workers.shard_timeout_s, else derived from the committed shards (None until one has committed)."""
+        if self.w.shard_timeout_s:
+            return self.w.shard_timeout_s
+        if not self.durations:
+            return None
+        return max(self.w.min_shard_timeout_s, TIMEOUT_FACTOR * max(self.durations))
+
+    def _check_timeouts(self, now: float) -> None:
+        limit = self.shard_timeout()
+        if limit is None:
+            return
+        for slot in self.slots:
+            if slot.state == "busy" and now - slot.since > limit:
+                how = "workers.shard_timeout_s" if self.w.shard_timeout_s else (
+                    f"{TIMEOUT_FACTOR}x the slowest committed shard, at least workers.min_shard_timeout_s")
+                self.refs = {r: v for r, v in self.refs.items() if v[0] is not slot}
+                self._attempt_failed(slot, f"timed out after {limit:.0f}s ({how})",
+                                     f"no result after {now - slot.since:.0f}s; the actor was killed", replace=True)
+
+    def _check_placement(self, now: float) -> None:
+        """Give up on the queue when no actor has been placed for workers.placement_timeout_s."""
+        if any(s.state != "placing" for s in self.slots):
+            self.unplaced_since = None
+            return
+        if self.unplaced_since is None:
+            self.unplaced_since = now
+        elif now - self.unplaced_since > self.w.placement_timeout_s and self.queue:
+            why = (f"no worker could be placed in {self.w.placement_timeout_s:g}s: each needs "
+                   f"{describe_need(self.w)}, the cluster has {describe_cluster()}; add nodes, lower "
+                   "workers.num_gpus / num_cpus, or raise workers.placement_timeout_s")
+            log.error("%s", why)
+            for s in self.queue:
+                self._fail(s, why)
+            self.queue.clear()
+
+    def _heartbeat(self, now: float) -> None:
+        if now - self.last_beat < self.w.heartbeat_s:
+            return
+        self.last_beat = now
+        placing = [s for s in self.slots if s.state == "placing"]
+        if placing:
+            left = ""
+            if self.unplaced_since is not None:
+                left = f"; giving up in {max(0, self.w.placement_timeout_s - (now - self.unplaced_since)):.0f}s"
+            log.info("waiting for %d actors (need %s each; cluster: %s)%s", len(placing), describe_need(self.w),
+                     describe_cluster(), left)
+        if now - self.last_commit >= self.w.heartbeat_s:
+            busy = [f"{s.shard.name} {now - s.since:.0f}s on {s.where}" for s in self.slots if s.state == "busy"]
+            loading = sum(s.state == "loading" for s in self.slots)
+            limit = self.shard_timeout()
+            log.info("no shard committed for %.0fs: %d/%d committed in this run, %d queued; running: %s%s; shard "
+                     "timeout %s", now - self.last_commit, len(self.durations), self.total, len(self.queue),
+                     ", ".join(busy) or "none", f"; {loading} actors loading the model" if loading else "",
+                     f"{limit:.0f}s" if limit else "none until a shard commits")
+
+    def _stop(self, why: str, kind: str = "failed") -> None:
+        """Every queued or running shard is missing, for `why`."""
+        for s in [*self.queue, *(slot.shard for slot in self.slots if slot.state == "busy")]:
+            self._fail(s, why, kind)
+        self.queue.clear()
+
+    def run(self) -> Outcome:
+        import ray
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        bar = tqdm(total=self.rows, unit="row", desc=self.name,
+                   disable=None if self.progress is None else not self.progress)
+        with logging_redirect_tqdm() if not bar.disable else nullcontext():  # log lines above the bar
+            try:
+                while self.queue or any(s.state == "busy" for s in self.slots):
+                    if self.lost():
+                        self._stop(f"not finished: {self.lost()}")
+                        break
+                    self._dispatch()
+                    ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=1.0) if self.refs else ([], [])
+                    if ready:
+                        self._handle(ready[0], bar)
+                    now = time.monotonic()
+                    self._check_timeouts(now)
+                    self._check_placement(now)
+                    self._heartbeat(now)
+            except JobInterrupted as e:
+                self.out.interrupted = e
+                running = [s.shard.name for s in self.slots if s.state == "busy"]
+                log.warning("%s: stopping; %d shards committed in this run, %s abandoned; rerun to resume",
+                            e, len(self.durations), ", ".join(running) or "none")
+                self._stop(f"stopped by {e} before it committed", kind="not_run")
+            finally:
+                bar.close()
+                for s in self.slots:
+                    ray.kill(s.actor, no_restart=True)
+        return self.out
+
+
+def _reason(e: Exception) -> str:
+    """One line saying why a shard attempt (or an actor) failed."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    text = _ANSI.sub("", str(e))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(e, RayActorError):
+        if getattr(e, "_actor_init_failed", False) or "creation task" in text:
+            return f"worker failed to start: {lines[-1][:300]}"  # the last line is the exception
+        return f"worker process died ({lines[0][:200]})" if lines else "worker process died"
+    if isinstance(e, RayTaskError):
+        cause = getattr(e, "cause", None)
+        if cause is not None and not isinstance(cause, RayTaskError):
+            return f"{type(cause).__name__}: {cause}"
+    return f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"
