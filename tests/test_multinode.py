@@ -28,7 +28,8 @@ VENV_BIN = Path(sys.executable).parent
 
 def test_node_loss_mid_job_retries_its_shards_elsewhere(tmp_path, caplog):
     """A head without CPUs and three 1-CPU nodes; two actors. Once a shard has committed, a node holding an actor
-    is killed: its shard goes to the survivor or to a fresh actor on the spare node."""
+    is killed with its processes (as when a machine goes down): its shard goes to the survivor or to a fresh actor
+    on the spare node."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -54,7 +55,14 @@ def test_node_loss_mid_job_retries_its_shards_elsewhere(tmp_path, caplog):
         free = ray._private.state.available_resources_per_node()
         busy = [n for n in nodes if free.get(n.node_id, {}).get("CPU", 0) < 1]  # nodes holding an actor
         assert busy, free
+        raylet = busy[0].all_processes["raylet"][0].process.pid
+        workers = _children(raylet)  # its worker processes (the actor among them) die with the machine
         cluster.remove_node(busy[0], allow_graceful=False)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         driver.join(timeout=300)
         assert not driver.is_alive()
         assert result["r"].ok, result["r"].failed
@@ -65,6 +73,19 @@ def test_node_loss_mid_job_retries_its_shards_elsewhere(tmp_path, caplog):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of the processes whose parent is `pid`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
 
 
 def _free_port() -> int:
