@@ -26,8 +26,8 @@ class JobMetrics:
                                 tag_keys=keys)
         self.shard_seconds = Histogram("fastdllm_shard_seconds", "Shard wall time, reading to committing.",
                                        boundaries=SHARD_SECONDS_BUCKETS, tag_keys=keys)
-        self.occupancy = Gauge("fastdllm_occupancy", "Decode occupancy of the last committed shard: row steps "
-                               "that advanced a row / row steps computed (1.0: no row waited).", tag_keys=keys)
+        self.occupancy = Gauge("fastdllm_occupancy", "Decode occupancy of the last committed shard: nfe / "
+                               "row_forwards (1.0: no row was pushed through the model only to wait).", tag_keys=keys)
         self.actors = Gauge("fastdllm_actors", "The job's actors by state (waiting for placement, loading the "
                             "model, ready).", tag_keys=("job", "state"))
 
@@ -40,8 +40,8 @@ class JobMetrics:
             self.tokens.inc(stats.generated_tokens, tags=self.tags)
         self.shards.inc(1, tags=self.tags)
         self.shard_seconds.observe(stats.wall_seconds, tags=self.tags)
-        if getattr(stats, "row_forwards", 0):
-            self.occupancy.set(stats.nfe / stats.row_forwards, tags=self.tags)
+        if stats.row_forwards:
+            self.occupancy.set(stats.occupancy, tags=self.tags)
 
     def attempt_failed(self) -> None:
         self.failures.inc(1, tags=self.tags)
