@@ -11,19 +11,33 @@ class Tokenizer:
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
 
-    def encode(self, text: str, chat_template: bool = False) -> list[int]:
-        """Token ids of `text`; with chat_template, as a single user turn with the generation prompt appended."""
-        if chat_template:
-            if not getattr(self.hf, "chat_template", None):
-                raise ValueError("this tokenizer has no chat template; set chat_template to false")
-            ids = self.hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True)
-            if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
-                ids = ids["input_ids"]
-            return list(ids)
+    def render(self, messages: list[dict], chat_template: bool | str = True, system_prompt: str | None = None
+               ) -> str:
+        """A conversation (a list of {role, content}) as prompt text, through the checkpoint's chat template
+        (True) or the given Jinja template string, with the generation prompt appended. `system_prompt` becomes
+        a leading system turn unless the conversation has one of its own."""
+        if chat_template is False:
+            raise ValueError("a conversation needs a chat template; set chat_template to true or a template string")
+        template = chat_template if isinstance(chat_template, str) else None
+        if template is None and not getattr(self.hf, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template; set chat_template to false or a template string")
+        if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        return self.hf.apply_chat_template(list(messages), chat_template=template, add_generation_prompt=True,
+                                           tokenize=False)
+
+    def encode(self, text: str, chat_template: bool | str = False, system_prompt: str | None = None) -> list[int]:
+        """Token ids of `text`; with a chat template (True: the checkpoint's, or a Jinja string), as a single user
+        turn (after a system turn holding `system_prompt`, if given) with the generation prompt appended."""
+        if chat_template is not False:
+            text = self.render([{"role": "user", "content": text}], chat_template, system_prompt)
+        return self.encode_text(text)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of text as it is (a rendered template carries its own special tokens: none are added)."""
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
-    def encode_batch(self, texts, chat_template: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts, chat_template: bool | str = False) -> list[list[int]]:
         return [self.encode(t, chat_template) for t in texts]
 
     def decode(self, ids) -> str:

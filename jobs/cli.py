@@ -78,6 +78,8 @@ def run(manifest, overrides, address, force, progress, dashboard, verbose):
             click.echo(missing.line(), err=True)
         if result.problem:
             click.echo(f"error: {result.problem}", err=True)
+        if s.too_many_errors:
+            click.echo(f"error: {s.too_many_errors}", err=True)
         if s.missing:
             todo = ("fix the input named above, then rerun the same command" if any(x.kind == "data" for x in s.missing)
                     else "rerun the same command to compute them")
@@ -104,7 +106,7 @@ def plan(manifest, overrides, as_json):
         click.echo(json.dumps(p.to_dict(), indent=2))
         return
     click.echo(f"job {spec.name}: {len(p.shards)} shards, {p.rows} rows, {len(p.files)} files -> {spec.output.uri}")
-    click.echo(f"input fingerprint {p.fingerprint[:16]}")
+    click.echo(f"input fingerprint {p.fingerprint[:16]} ({p.source.format})")
     for f in p.files:
         n = sum(1 for s in p.shards if s.file == f.uri)
         click.echo(f"  {f.uri}: {f.rows} rows, {n} shards")
@@ -146,6 +148,8 @@ def status(output_uri, options, shards, quick):
         click.echo(f"running: lease held by {st.lease.describe()}")
     for p in st.problems:
         click.echo(p.line())
+    if st.too_many_errors:
+        click.echo(f"too many errors: {st.too_many_errors}")
     if shards and st.committed:
         click.echo(throughput_table(st.committed))
 

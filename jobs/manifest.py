@@ -4,12 +4,15 @@ the field. `load_manifest(path, overrides)` reads YAML, applies `--set key.path=
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 import fastdllm
+from workers.inputs import FORMATS
+from workers.shard import OUTPUT_FORMATS
 
 
 class InvalidJob(ValueError):
@@ -20,6 +23,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DecodeSpec(BaseModel):
+    """The manifest's decode section: fastdllm.DecodeConfig's fields (kept as the typed config that workers
+    receive) plus num_samples, the output rows drawn per prompt."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    config: fastdllm.DecodeConfig
+    num_samples: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, dict):
+            v = dict(v)
+            n = v.pop("num_samples", 1)
+            return {"config": fastdllm.DecodeConfig.from_dict(v), "num_samples": n}
+        return v
+
+    @model_validator(mode="after")
+    def _samples_differ(self):
+        c = self.config
+        if self.num_samples > 1 and c.temperature == 0 and c.remasking == "low_confidence":
+            raise ValueError(f"num_samples {self.num_samples} would give identical samples: decoding is greedy "
+                             "(temperature 0, remasking low_confidence); set temperature > 0 or remasking random")
+        return self
+
+    @model_serializer
+    def _resolved(self) -> dict:
+        """Every DecodeConfig field (defaults filled in) and num_samples, flat as in the manifest."""
+        return {**self.config.to_dict(), "num_samples": self.num_samples}
+
+
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -28,7 +62,11 @@ class ModelSpec(_Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a repo id.")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")
     device: str | None = Field(None, description="cpu, cuda, ...; default: cuda when the worker has a GPU.")
-    chat_template: bool = Field(False, description="Wrap each prompt as a user turn with the model's chat template.")
+    chat_template: bool | str = Field(False, description=(
+        "true: render prompts with the checkpoint's chat template (a prompt becomes a user turn); a string: this "
+        "Jinja template instead; false: prompts go to the model as they are. Required by messages_column."))
+    system_prompt: str | None = Field(None, description=(
+        "Prepended as a system turn to every conversation that has none of its own (needs a chat template)."))
     trust_remote_code: bool = Field(False, description="Let the tokenizer run code from the checkpoint (opt-in).")
 
     @field_validator("dtype")
@@ -38,18 +76,56 @@ class ModelSpec(_Strict):
             raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
         return v
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v):
+        if isinstance(v, str):
+            import jinja2
+
+            if not v.strip():
+                raise ValueError("an empty template string; use true (the checkpoint's template) or false")
+            try:
+                jinja2.Environment().parse(v)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"the template is not valid Jinja (line {e.lineno}: {e.message})") from None
+        return v
+
 
 class InputSpec(_Strict):
-    uri: str = Field(description="A Parquet file, a glob, or a directory of Parquet files; any fsspec URI "
-                                 "(file, s3://, gs://, memory://, hf://datasets/owner/name/...).")
-    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    uri: str = Field(description=(
+        "A Parquet, JSONL or CSV file, a glob, or a directory of them; any fsspec URI (file, s3://, gs://, "
+        "memory://, hf://datasets/owner/name/...). Or a Hugging Face dataset: a save_to_disk directory, or "
+        "(format: hf) a hub dataset name present in the local cache."))
+    format: Literal[FORMATS] = Field("auto", description=(
+        "auto (from the file extensions; a save_to_disk directory is hf), parquet, jsonl, csv or hf."))
+    config: str | None = Field(None, description="Hub dataset config name (format hf).")
+    split: str | None = Field(None, description="Dataset split (format hf; needed when it has several).")
+    prompt_column: str | None = Field(None, description="Column holding the prompt text (default: prompt).")
+    messages_column: str | None = Field(None, description=(
+        "Column holding a conversation instead: a list of {role, content}; needs model.chat_template."))
     id_column: str | None = Field(None, description="Column of unique row ids; without it, ids are derived as "
                                                     "'<file relative to the input root>:<row>'.")
+    keep_columns: list[str] | Literal["all"] = Field(default_factory=list, description=(
+        "Input columns copied to the output next to the generated ones: a list, or all."))
     rows_per_shard: int = Field(1000, gt=0, description="Rows per shard (a shard never spans two files).")
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self):
+        if self.prompt_column and self.messages_column:
+            raise ValueError("set prompt_column or messages_column, not both")
+        if not self.messages_column and not self.prompt_column:
+            self.prompt_column = "prompt"
+        return self
+
+    @property
+    def text_column(self) -> str:
+        """The column the prompt comes from (text or conversation)."""
+        return self.messages_column or self.prompt_column
 
 
 class OutputSpec(_Strict):
     uri: str = Field(description="Directory (fsspec URI) for job.json, shards/, stats/, summary.json.")
+    format: Literal[OUTPUT_FORMATS] = Field("parquet", description="Shard files: parquet or jsonl.")
     lease_s: float = Field(60, gt=0, description=(
         "Seconds the running driver's lease on the output lasts unless renewed (it renews every lease_s / 4). "
         "Another run is refused while it holds; a driver killed on another host blocks new runs this long."))
@@ -73,6 +149,8 @@ class WorkersSpec(_Strict):
     heartbeat_s: float = Field(60, gt=0, description=(
         "Log a progress line this often while nothing commits, and a 'waiting for N actors' line while actors "
         "wait for resources."))
+    max_error_rate: float = Field(1.0, ge=0, le=1, description=(
+        "The job exits 1 when more than this share of its input rows ended in error (always when all did)."))
 
 
 class FaultSpec(_Strict):
@@ -94,17 +172,21 @@ class Manifest(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict, description=(
         "fsspec options for input and output, e.g. {endpoint_url: http://127.0.0.1:9000}. Credentials as "
         "environment references: {key: '${AWS_ACCESS_KEY_ID}'} (or none: s3fs reads AWS_* itself)."))
-    decode: dict[str, Any] = Field(default_factory=dict, description="fastdllm.DecodeConfig fields.")
+    decode: DecodeSpec = Field(default_factory=lambda: DecodeSpec.model_validate({}),
+                               description="fastdllm.DecodeConfig fields, and num_samples.")
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     faults: FaultSpec = Field(default_factory=FaultSpec, description="Testing only: injected worker failures.")
 
-    @field_validator("decode")
-    @classmethod
-    def _decode(cls, v):
-        return fastdllm.DecodeConfig.from_dict(v).to_dict()  # resolved: every field, defaults filled in
-
-    def decode_config(self) -> fastdllm.DecodeConfig:
-        return fastdllm.DecodeConfig.from_dict(self.decode)
+    @model_validator(mode="after")
+    def _templating(self):
+        template = self.model.chat_template
+        if self.input.messages_column and template is False:
+            raise ValueError(f"input.messages_column needs a chat template to turn conversations into prompts; "
+                             "set model.chat_template to true (the checkpoint's) or to a Jinja template string")
+        if self.model.system_prompt is not None and template is False:
+            raise ValueError("model.system_prompt is added as a system turn, which needs a chat template; set "
+                             "model.chat_template to true or a template string")
+        return self
 
 
 def _known_keys(loc: tuple) -> list[str]:
@@ -129,7 +211,7 @@ def _one_line(err: ValidationError, source: str) -> str:
             parts.append(f"'{where}' is required")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{where}: {msg}")
+            parts.append(f"{where}: {msg}" if where else msg)
     return f"{source}: " + "; ".join(parts)
 
 

@@ -1,25 +1,27 @@
-"""Shard planning: list the input Parquet files, check their columns and ids, fingerprint them, and cut them
-into deterministic shards (rows [start, stop) of one file, `rows_per_shard` at most). Reads only footers and
-the id column; every problem raises InvalidJob naming the path."""
+"""Shard planning: list the input (Parquet, JSONL or CSV files, or a Hugging Face dataset), check its columns,
+their types and the ids, fingerprint it, and cut it into deterministic shards (rows [start, stop) of one file,
+`rows_per_shard` at most). Parquet is read by footer and id column; see workers/inputs.py for the other formats.
+Every problem raises InvalidJob naming the path."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from workers import Shard
-from workers.storage import filesystem, parquet_footer, storage_error
+from workers import InputSource, Shard
+from workers.inputs import InputError, Inspected, inspect_hf, inspect_parquet, inspect_text, list_files
+from workers.inputs import resolve_source as resolve_input
+from workers.shard import OUTPUT_COLUMNS
 
 from .manifest import InvalidJob, Manifest
 
 log = logging.getLogger("fastdllm.jobs")
-GLOB_CHARS = "*?["
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -29,96 +31,79 @@ class InputFile:
     relpath: str
     rows: int
     size: int
-    footer_sha256: str
+    digest: str  # Parquet: sha256 of the footer; JSONL/CSV: sha256 of the content; HF: the dataset fingerprint
 
 
 @dataclass
 class Plan:
+    source: InputSource
     files: list[InputFile]
     shards: list[Shard]
-    fingerprint: str  # hash of the files (names, sizes, row counts, footers) and the columns read
+    fingerprint: str  # hash of the files (names, sizes, row counts, digests) and the columns read
+    keep_columns: list[str] = field(default_factory=list)  # resolved: `all` becomes the input's columns
 
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
     def to_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint, "rows": self.rows,
-                "files": [vars(f) for f in self.files], "shards": [vars(s) for s in self.shards]}
+        return {"fingerprint": self.fingerprint, "rows": self.rows, "format": self.source.format,
+                "keep_columns": self.keep_columns, "files": [vars(f) for f in self.files],
+                "shards": [vars(s) for s in self.shards]}
 
 
-def _fs(uri: str, storage_options: dict):
-    try:
-        return filesystem(uri, storage_options)
-    except ValueError as e:
-        raise InvalidJob(str(e)) from None
-    except (ImportError, OSError) as e:
-        raise InvalidJob(f"cannot open {uri}: {type(e).__name__}: {e}") from None
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def list_input_files(uri: str, storage_options: dict) -> list[tuple[str, str]]:
-    """(path, relpath) of the Parquet files `uri` names (a file, a glob, or a directory searched recursively)."""
-    fs, path = _fs(uri, storage_options)
-    try:
-        if any(c in path for c in GLOB_CHARS):
-            base = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
-            found = [p for p in sorted(fs.glob(path)) if fs.isfile(p)]
-            if not found:
-                raise InvalidJob(f"input.uri {uri} matched no files")
-        elif fs.isdir(path):
-            base = path.rstrip("/")
-            found = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-            if not found:
-                raise InvalidJob(f"input.uri {uri} is a directory with no *.parquet files")
-        elif fs.isfile(path):
-            base, found = path.rsplit("/", 1)[0] if "/" in path else "", [path]
-        else:
-            raise InvalidJob(f"input.uri {uri} does not exist")
-    except InvalidJob:
-        raise
-    except Exception as e:  # permissions, unreachable endpoint, missing bucket or credentials, bad options
-        raise InvalidJob(f"cannot list input.uri {uri}: {storage_error(e)}") from None
-    out = []
-    for p in found:
-        rel = p[len(base) :].lstrip("/") if base and p.startswith(base) else Path(p).name
-        out.append((fs.unstrip_protocol(p) if "://" in uri else p, rel))
-    return out
+def _is_messages(t: pa.DataType) -> bool:
+    """list<struct<role: string, content: string, ...>> (the OpenAI / Ray Data LLM / distilabel chat format)."""
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        return False
+    fields = {f.name: f.type for f in t.value_type}
+    return all(k in fields and _is_text(fields[k]) for k in ("role", "content"))
 
 
-def _inspect(uri: str, relpath: str, m: Manifest) -> tuple[InputFile, pa.Array | None]:
-    """Row count, footer hash and (when there is an id column) the ids of one file; checks its columns."""
-    fs, path = _fs(uri, m.storage_options)
-    try:
-        with fs.open(path, "rb") as f:
-            size = f.size if f.size is not None else fs.size(path)
-            footer = parquet_footer(f, size)
-            if footer is None:
-                raise InvalidJob(f"input file {uri} is not a Parquet file (no PAR1 footer)")
-            f.seek(0)
-            # No pre-buffering or reader threads on a Python file object: arrow's pool would release its buffers
-            # after we return, and a release racing interpreter exit aborts the process ("terminate called
-            # without an active exception"), seen on `fastdllm plan` about one run in ten.
-            pf = pq.ParquetFile(f, pre_buffer=False)
-            columns = pf.schema_arrow.names
-            wanted = [m.input.prompt_column] + ([m.input.id_column] if m.input.id_column else [])
-            for kind, col in zip(("prompt_column", "id_column"), wanted):
-                if col not in columns:
-                    raise InvalidJob(f"input {uri} has no column {col!r} (input.{kind}; columns: "
-                                     f"{', '.join(columns)})")
-            ids = pf.read(columns=[m.input.id_column], use_threads=False).column(0) if m.input.id_column else None
-            rows = pf.metadata.num_rows
-    except InvalidJob:
-        raise
-    except Exception as e:  # storage errors of any fsspec backend, arrow errors
-        raise InvalidJob(f"input file {uri} is unreadable or not valid Parquet: {storage_error(e)}") from None
-    return InputFile(uri, relpath, rows, size, hashlib.sha256(footer).hexdigest()), ids
+def check_columns(info: Inspected, m: Manifest) -> None:
+    """The input has the columns the manifest names, with usable types (InvalidJob otherwise)."""
+    names = info.schema.names
+    inp = m.input
+    named = [("messages_column" if inp.messages_column else "prompt_column", inp.text_column),
+             ("id_column", inp.id_column)]
+    named += [("keep_columns", c) for c in (inp.keep_columns if isinstance(inp.keep_columns, list) else [])]
+    for kind, col in named:
+        if col and col not in names:
+            raise InvalidJob(f"input {info.uri} has no column {col!r} (input.{kind}; columns: {', '.join(names)})")
+    t = info.schema.field(inp.text_column).type
+    if inp.messages_column and not _is_messages(t):
+        raise InvalidJob(f"input {info.uri}: messages_column {inp.text_column!r} has type {t}; it must be a list of "
+                         "{role, content} strings (use prompt_column for plain text)")
+    if inp.prompt_column and not _is_text(t):
+        hint = "; use messages_column for a list of {role, content}" if _is_messages(t) else ""
+        raise InvalidJob(f"input {info.uri}: prompt_column {inp.text_column!r} has type {t}; it must hold "
+                         f"strings{hint}")
+
+
+def resolve_keep(m: Manifest, schema: pa.Schema) -> list[str]:
+    """The kept columns (`all`: every input column), less those already in the output under their own name
+    with the same values (an id column named `id`, a prompt column named `prompt`); any other name an output
+    column has is a clash (InvalidJob)."""
+    inp = m.input
+    wanted = list(schema.names) if inp.keep_columns == "all" else list(inp.keep_columns)
+    same = {c for c, out in ((inp.id_column, "id"), (inp.prompt_column, "prompt")) if c == out}
+    keep = [c for c in dict.fromkeys(wanted) if c not in same]
+    clash = [c for c in keep if c in OUTPUT_COLUMNS]
+    if clash:
+        raise InvalidJob(f"input.keep_columns: {', '.join(map(repr, clash))} would clash with output column(s) of "
+                         f"that name ({', '.join(OUTPUT_COLUMNS)}); rename the input column or leave it out")
+    return keep
 
 
 def _check_ids(ids: list[pa.ChunkedArray], files: list[InputFile], column: str) -> None:
     for arr, f in zip(ids, files):
         if arr.null_count:
             raise InvalidJob(f"input {f.uri} has {arr.null_count} null ids in column {column!r}; every row needs one")
-        if not (pa.types.is_integer(arr.type) or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        if not (pa.types.is_integer(arr.type) or _is_text(arr.type)):
             raise InvalidJob(f"input {f.uri}: id column {column!r} has type {arr.type}; use integers or strings")
     types = {}
     for arr, f in zip(ids, files):
@@ -135,28 +120,58 @@ def _check_ids(ids: list[pa.ChunkedArray], files: list[InputFile], column: str) 
                          "ids must be unique, or drop input.id_column to derive them")
 
 
+def inspect_input(m: Manifest) -> tuple[InputSource, list[Inspected]]:
+    """The input's resolved source and what planning learns from each of its files (or its HF dataset)."""
+    inp, opts = m.input, m.storage_options
+    try:
+        source = resolve_input(inp.uri, inp.format, inp.config, inp.split, opts)
+        if source.format == "hf":
+            return source, [inspect_hf(source, inp.id_column, opts)]
+        fmt, files = list_files(source, opts)
+        source = InputSource(source.uri, fmt)
+        text = (inp.prompt_column,) if inp.prompt_column else ()
+        return source, [inspect_parquet(u, rel, inp.id_column, opts) if fmt == "parquet"
+                        else inspect_text(u, rel, fmt, inp.id_column, text, opts) for u, rel in files]
+    except InputError as e:
+        raise InvalidJob(str(e)) from None
+
+
+def _pin(f: InputFile, fmt: str) -> dict:
+    """The Shard fields that let a worker check it reads the file the plan saw (see workers/inputs.py)."""
+    if fmt == "parquet":
+        return {"file_size": f.size, "file_rows": f.rows, "footer_sha256": f.digest}
+    if fmt == "hf":
+        return {"file_rows": f.rows, "digest": f.digest}
+    return {"file_size": f.size, "file_rows": f.rows, "digest": f.digest}
+
+
 def make_plan(m: Manifest) -> Plan:
     """The deterministic shard plan of a manifest's input (same input + rows_per_shard -> same shards)."""
-    files, ids = [], []
-    for uri, rel in list_input_files(m.input.uri, m.storage_options):
-        info, file_ids = _inspect(uri, rel, m)
-        files.append(info)
-        ids.append(file_ids)
+    source, inspected = inspect_input(m)
+    for info in inspected:
+        check_columns(info, m)
+    keep = resolve_keep(m, inspected[0].schema)
+    for info in inspected[1:]:
+        missing = [c for c in keep if c not in info.schema.names]
+        if missing:
+            raise InvalidJob(f"input {info.uri} lacks kept column(s) {', '.join(missing)} that "
+                             f"{inspected[0].relpath} has; list input.keep_columns explicitly")
+    files = [InputFile(i.uri, i.relpath, i.rows, i.size, i.digest) for i in inspected]
     if m.input.id_column:
-        _check_ids(ids, files, m.input.id_column)
+        _check_ids([i.ids for i in inspected], files, m.input.id_column)
     shards, n = [], m.input.rows_per_shard
     for f in files:
+        pin = _pin(f, source.format)
         for start in range(0, f.rows, n):
             shards.append(Shard(index=len(shards), file=f.uri, relpath=f.relpath, start=start,
-                                stop=min(start + n, f.rows), file_size=f.size, file_rows=f.rows,
-                                footer_sha256=f.footer_sha256))
+                                stop=min(start + n, f.rows), **pin))
     h = hashlib.sha256()
-    h.update(f"{m.input.prompt_column}|{m.input.id_column}|{n}\n".encode())
+    h.update(f"{source.format}|{m.input.text_column}|{m.input.id_column}|{keep}|{n}\n".encode())
     for f in files:
-        h.update(f"{f.relpath}|{f.size}|{f.rows}|{f.footer_sha256}\n".encode())
+        h.update(f"{f.relpath}|{f.size}|{f.rows}|{f.digest}\n".encode())
     if not shards:
         raise InvalidJob(f"input.uri {m.input.uri} has no rows")
-    return Plan(files=files, shards=shards, fingerprint=h.hexdigest())
+    return Plan(source=source, files=files, shards=shards, fingerprint=h.hexdigest(), keep_columns=keep)
 
 
 def check_model_source(m: Manifest) -> dict:
@@ -177,11 +192,27 @@ def check_model_source(m: Manifest) -> dict:
             raise ValueError(f"model directory {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})")
     except (ValueError, OSError) as e:
         raise InvalidJob(f"model.source: {e}") from None
-    gen = m.decode["gen_length"]
+    local = src in BUILTIN or Path(src).expanduser().is_dir()  # a hub id: only config.json was fetched
+    if m.model.chat_template is True and local and not _has_chat_template(Path(path)):
+        raise InvalidJob(f"model.chat_template: the tokenizer of {src} has no chat template; give a Jinja "
+                         "template string instead, or set it to false")
+    gen = m.decode.config.gen_length
     if gen >= cfg.max_seq_len:  # every prompt would be too long: fail here, not after loading the model everywhere
         raise InvalidJob(f"decode.gen_length is {gen} but model {src} takes {cfg.max_seq_len} positions (prompt + "
                          f"generated); lower decode.gen_length below {cfg.max_seq_len}")
     return {"family": cfg.family, "max_seq_len": cfg.max_seq_len}
+
+
+def _has_chat_template(path: Path) -> bool:
+    """Whether the tokenizer files in `path` carry a chat template (in tokenizer_config.json, or the
+    chat_template.jinja / chat_template.json files newer transformers write)."""
+    if any((path / f).is_file() for f in ("chat_template.jinja", "chat_template.json")):
+        return True
+    cfg = path / "tokenizer_config.json"
+    try:
+        return bool(json.loads(cfg.read_text()).get("chat_template")) if cfg.is_file() else False
+    except (OSError, ValueError):
+        return False
 
 
 def _hub_config_dir(repo: str, revision: str | None) -> Path:

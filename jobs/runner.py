@@ -35,8 +35,9 @@ class JobResult:
 
     @property
     def ok(self) -> bool:
-        """Every planned shard committed and verified (exit 0)."""
-        return self.summary.complete and self.problem is None and self.interrupted is None
+        """Every planned shard committed and verified, and the error rows within workers.max_error_rate (exit 0)."""
+        return (self.summary.complete and self.problem is None and self.interrupted is None
+                and self.summary.too_many_errors is None)
 
     @property
     def failed(self) -> dict[int, str]:
@@ -55,19 +56,32 @@ def absolute_uris(m: Manifest) -> Manifest:
                                 "output": m.output.model_copy(update={"uri": absolute(m.output.uri)})})
 
 
-def worker_settings(m: Manifest) -> WorkerSettings:
+def worker_settings(m: Manifest, plan: Plan) -> WorkerSettings:
     return WorkerSettings(
         model_source=m.model.source, model_revision=m.model.revision, dtype=m.model.dtype, device=m.model.device,
-        chat_template=m.model.chat_template, trust_remote_code=m.model.trust_remote_code, decode=m.decode,
-        output_uri=m.output.uri, prompt_column=m.input.prompt_column, id_column=m.input.id_column,
-        storage_options=m.storage_options, batch_size=m.workers.batch_size, crash=m.faults.crash,
-        error=m.faults.error, hang=m.faults.hang)
+        chat_template=m.model.chat_template, system_prompt=m.model.system_prompt,
+        trust_remote_code=m.model.trust_remote_code, decode=m.decode.config, num_samples=m.decode.num_samples,
+        output_uri=m.output.uri, output_format=m.output.format, source=plan.source,
+        prompt_column=m.input.prompt_column, messages_column=m.input.messages_column, id_column=m.input.id_column,
+        keep_columns=tuple(plan.keep_columns), storage_options=m.storage_options, batch_size=m.workers.batch_size,
+        crash=m.faults.crash, error=m.faults.error, hang=m.faults.hang)
 
 
 def _identity(m: Manifest) -> dict:
     """What decides the output's content: a rerun must match it to reuse committed shards."""
-    return {"model": m.model.model_dump(include={"source", "revision", "dtype", "chat_template"}),
-            "decode": m.decode}
+    return {"model": m.model.model_dump(include={"source", "revision", "dtype", "chat_template", "system_prompt"}),
+            "decode": m.decode.model_dump(), "output": {"format": m.output.format}}
+
+
+def error_policy(total: ShardStats, max_error_rate: float) -> str | None:
+    """One line when the job's error rows exceed workers.max_error_rate, or every row failed; else None."""
+    if not total.rows or (total.error_rows < total.rows and total.error_rows <= max_error_rate * total.rows):
+        return None
+    common = "; ".join(f"{why} ({k})" for why, k in total.commonest_errors())
+    what = ("every row failed" if total.error_rows == total.rows
+            else f"above workers.max_error_rate {max_error_rate:g}")
+    return (f"{total.error_rows} of {total.rows} rows failed ({total.error_rows / total.rows:.1%}), {what}; "
+            f"commonest: {common}")
 
 
 def _versions() -> dict:
@@ -87,7 +101,7 @@ def _versions() -> dict:
 
 def open_output(m: Manifest) -> JobOutput:
     try:
-        return JobOutput(m.output.uri, m.storage_options)
+        return JobOutput(m.output.uri, m.storage_options, ext=m.output.format)
     except (ValueError, ImportError, OSError) as e:
         raise InvalidJob(f"output.uri {m.output.uri} is not usable: {storage_error(e)}") from None
 
@@ -123,7 +137,7 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
         changes = []
         if old.get("plan", {}).get("fingerprint") != plan.fingerprint:
             changes.append("the input (files, rows, columns or rows_per_shard) changed")
-        for part in ("model", "decode"):
+        for part in ("model", "decode", "output"):
             a, b = old.get("identity", {}).get(part, {}), ident[part]
             diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             if diffs:
@@ -149,7 +163,7 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
 
 
 def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], reported: set[int], run: RunStats,
-              verified: dict[int, ShardRecord] | None = None) -> JobSummary:
+              verified: dict[int, ShardRecord] | None = None, max_error_rate: float = 1.0) -> JobSummary:
     """Verify every planned shard in the output (never trusting what workers said; `verified`: records this run
     already checked, whose data files are then checked by size) and say why each one that is not there is
     missing."""
@@ -169,7 +183,8 @@ def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], repor
         else:
             missing.append(MissingShard(s.index, "not_run", "not run"))
     totals = sum((r.stats for r in scan.committed.values()), ShardStats())
-    return JobSummary(shards=len(plan.shards), committed=len(scan.committed), missing=missing, totals=totals, run=run)
+    return JobSummary(shards=len(plan.shards), committed=len(scan.committed), missing=missing, totals=totals, run=run,
+                      too_many_errors=error_policy(totals, max_error_rate))
 
 
 def run_job(m: Manifest, *, address: str | None = None, force: bool = False, progress: bool | None = None,
@@ -192,11 +207,12 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
         t0 = time.perf_counter()
         outcome = Outcome()
         if pending:
-            outcome = _run_shards(m, pending, address, progress, dashboard, out, lambda: lease.lost)
+            outcome = _run_shards(m, plan, pending, address, progress, dashboard, out, lambda: lease.lost)
         stopped = outcome.interrupted.args[0] if outcome.interrupted else None
         run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens,
                        wall_seconds=time.perf_counter() - t0, interrupted=stopped)
-        summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done)
+        summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done,
+                            max_error_rate=m.workers.max_error_rate)
         if lease.lost:  # another run owns the output now: its summary is not ours to write
             return JobResult(m.output.uri, summary, lease.lost, outcome.interrupted)
         try:
@@ -210,8 +226,8 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
         lease.release()
 
 
-def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress: bool | None, dashboard: bool,
-                out: JobOutput, lost: Callable[[], str | None]) -> Outcome:
+def _run_shards(m: Manifest, plan: Plan, pending: list[Shard], address: str | None, progress: bool | None,
+                dashboard: bool, out: JobOutput, lost: Callable[[], str | None]) -> Outcome:
     """Connect to Ray (jobs/cluster.py), size the actor pool, and run the pending shards (jobs/dispatch.py) until
     done, interrupted by a signal, or `lost()` says the output's lease went to another run."""
     import ray
@@ -220,7 +236,7 @@ def _run_shards(m: Manifest, pending: list[Shard], address: str | None, progress
     try:
         n = min(actors_that_fit(m.workers, strict=session.started), len(pending))
         _warn_local_output(m)
-        dispatcher = Dispatcher(m.name, m.workers, worker_settings(m), pending, n, progress=progress,
+        dispatcher = Dispatcher(m.name, m.workers, worker_settings(m, plan), pending, n, progress=progress,
                                 write_log=lambda shard, attempt, text: _write_attempt_log(out, shard, attempt, text),
                                 lost=lost, metrics=JobMetrics(m.name))
         with stop_on_signals():

@@ -10,6 +10,7 @@ from workers.output import LeaseInfo, planned_rows
 from workers.storage import storage_error
 
 from .manifest import InvalidJob
+from .runner import error_policy
 
 
 @dataclass
@@ -22,10 +23,16 @@ class JobStatus:
     pending: list[int]  # not committed, no known failure
     problems: list[MissingShard]  # failed (last run), bad input, damaged
     lease: LeaseInfo | None  # the live lease of a running driver
+    max_error_rate: float = 1.0  # the job's workers.max_error_rate
 
     @property
     def totals(self) -> ShardStats:
         return sum((r.stats for r in self.committed.values()), ShardStats())
+
+    @property
+    def too_many_errors(self) -> str | None:
+        """The error policy's verdict on the committed shards (None: within workers.max_error_rate)."""
+        return error_policy(self.totals, self.max_error_rate)
 
 
 def job_status(uri: str, storage_options: dict | None = None, verify: bool = True) -> JobStatus:
@@ -38,6 +45,8 @@ def job_status(uri: str, storage_options: dict | None = None, verify: bool = Tru
         raise InvalidJob(f"cannot read {uri}: {storage_error(e)}") from None
     if job is None:
         raise InvalidJob(f"{uri} holds no job (no job.json)")
+    manifest = job.get("manifest", {})
+    out.ext = manifest.get("output", {}).get("format", "parquet")  # shard data files: shards/NNNNN.<ext>
     planned = planned_rows(job)
     scan = out.scan(planned, verify=verify)
     summary = out.read_summary()
@@ -55,7 +64,8 @@ def job_status(uri: str, storage_options: dict | None = None, verify: bool = Tru
     lease = out.read_lease()
     return JobStatus(name=job["name"], uri=uri, shards=len(planned), rows=job["plan"]["rows"],
                      committed=scan.committed, pending=pending, problems=problems,
-                     lease=lease if lease is not None and not lease.expired() else None)
+                     lease=lease if lease is not None and not lease.expired() else None,
+                     max_error_rate=manifest.get("workers", {}).get("max_error_rate", 1.0))
 
 
 def throughput_table(records: dict[int, ShardRecord]) -> str:

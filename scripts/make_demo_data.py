@@ -1,7 +1,8 @@
 """Write the demo prompts: Parquet files of the tiny model's tasks ("{a}+{b}=" and "sort:{digits}="), with an
-`id` column. Deterministic (fixed seed), so every clone makes the same files.
+`id` column; or with --chat, JSON Lines rows of a conversation (`messages`), the reference `answer` and the `task`
+(for manifests/synthetic.yaml). Deterministic (fixed seed), so every clone makes the same files.
 
-    python scripts/make_demo_data.py [OUT_DIR] [--rows N] [--files K]
+    python scripts/make_demo_data.py [OUT_DIR] [--rows N] [--files K] [--chat]
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastdllm.tasks import problems  # noqa: E402
+import json  # noqa: E402
+
+from fastdllm.tasks import answer_for, problems  # noqa: E402
 
 
 def demo_prompts(n: int, seed: int = 0) -> list[str]:
@@ -39,11 +42,32 @@ def write_demo_data(out_dir, rows: int = 96, files: int = 2, seed: int = 0) -> l
     return paths
 
 
+def write_chat_data(out_dir, rows: int = 96, files: int = 2, seed: int = 0) -> list[Path]:
+    """The demo prompts as chat rows (JSONL): id, messages (one user turn), answer, task."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = demo_prompts(rows, seed)
+    per = -(-rows // files)
+    paths = []
+    for k in range(files):
+        path = out / f"part-{k:03d}.jsonl"
+        with open(path, "w") as f:
+            for i in range(k * per, min((k + 1) * per, rows)):
+                p = prompts[i]
+                row = {"id": i, "messages": [{"role": "user", "content": p}], "answer": answer_for(p),
+                       "task": "sorting" if p.startswith("sort:") else "addition"}
+                f.write(json.dumps(row) + "\n")
+        paths.append(path)
+    return paths
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", nargs="?", default="data/demo")
     ap.add_argument("--rows", type=int, default=96)
     ap.add_argument("--files", type=int, default=2)
+    ap.add_argument("--chat", action="store_true", help="JSONL chat rows (messages, answer, task) instead")
     args = ap.parse_args()
-    for p in write_demo_data(args.out_dir, args.rows, args.files):
+    write = write_chat_data if args.chat else write_demo_data
+    for p in write(args.out_dir, args.rows, args.files):
         print(p)

@@ -48,5 +48,5 @@ def worker(tmp_path_factory):
     from workers import ShardWorker, WorkerSettings
 
     out = tmp_path_factory.mktemp("wout")
-    return ShardWorker(WorkerSettings(model_source="tiny", decode={"gen_length": 8, "block_length": 4, "steps": 8},
-                                      output_uri=str(out), batch_size=3))
+    return ShardWorker(WorkerSettings(model_source="tiny", output_uri=str(out), batch_size=3,
+                                      decode=fastdllm.DecodeConfig(gen_length=8, block_length=4, steps=8)))

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from jobs.cli import main
 from jobs.manifest import InvalidJob, parse_manifest
 from jobs.plan import make_plan
-from workers import Shard, ShardStats, read_shard_rows
+from workers import Shard, ShardStats
+from workers.inputs import read_shard_rows
 from workers.storage import expand_env, redact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def test_manifest_messages_name_the_field(tmp_path):
     with pytest.raises(InvalidJob, match="workers.batch_size"):
         parse_manifest(manifest(tmp_path, workers={"batch_size": 0}))
     m = parse_manifest(manifest(tmp_path), ["decode.threshold=0.5", "workers.count=3", "name=x"])
-    assert (m.decode["threshold"], m.workers.count, m.name, m.decode["cache"]) == (0.5, 3, "x", "dual")
+    assert (m.decode.config.threshold, m.workers.count, m.name, m.decode.config.cache) == (0.5, 3, "x", "dual")
 
 
 def test_storage_options_expand_env_and_redact(monkeypatch):
@@ -111,7 +112,7 @@ def test_exit2_input_problems(tmp_path):
     assert "does not exist" in _exit2(tmp_path, manifest(tmp_path))
     assert "matched no files" in _exit2(tmp_path, manifest(tmp_path, input={"uri": str(tmp_path / "in/*.parquet")}))
     (tmp_path / "in").mkdir()
-    assert "no *.parquet files" in _exit2(tmp_path, manifest(tmp_path))
+    assert "no Parquet, JSONL or CSV files" in _exit2(tmp_path, manifest(tmp_path))
     (tmp_path / "in" / "bad.parquet").write_bytes(b"this is not parquet at all")
     assert "not a Parquet file" in _exit2(tmp_path, manifest(tmp_path))
     (tmp_path / "in" / "bad.parquet").write_bytes(b"PAR1" + b"\x00" * 40 + b"\x10\x00\x00\x00PAR1")

@@ -23,7 +23,8 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 from workers import JobOutput, JobSummary, Lease, LeaseHeld, RunStats, Shard, ShardDataError, ShardRecord, ShardStats
 from workers.output import LEASE, DataFile, MissingShard
-from workers.shard import decode_text, read_shard_rows
+from workers.inputs import read_shard_rows
+from workers.shard import decode_text
 from workers.storage import parquet_footer
 
 

@@ -5,7 +5,7 @@ benchmarks all go through it.
 
     job.json                  resolved manifest, shard plan, input fingerprint, versions
     lease.json                the running driver's lease (holder, run id, expiry); absent when no run holds it
-    shards/NNNNN.<ext>        one data file per shard (ext: parquet)
+    shards/NNNNN.<ext>        one data file per shard (ext: parquet or jsonl, output.format)
     stats/NNNNN.json          the commit marker: the shard's counters and its data file's size, rows and crc32
     summary.json              job totals after a run; the shards still missing, each with why
     logs/NNNNN-attemptK.txt   what went wrong in each failed attempt
@@ -138,6 +138,7 @@ class JobSummary:
     missing: list[MissingShard]
     totals: ShardStats
     run: RunStats
+    too_many_errors: str | None = None  # the error policy's verdict (workers.max_error_rate), one line
     finished_at: str = field(default_factory=now)
 
     @property
@@ -147,7 +148,7 @@ class JobSummary:
     def to_dict(self) -> dict:
         return {"shards": self.shards, "committed": self.committed, "complete": self.complete,
                 "missing": [dataclasses.asdict(m) for m in self.missing], "totals": self.totals.to_dict(),
-                "run": self.run.to_dict(), "finished_at": self.finished_at}
+                "run": self.run.to_dict(), "too_many_errors": self.too_many_errors, "finished_at": self.finished_at}
 
     @classmethod
     def from_dict(cls, d: dict) -> "JobSummary":
@@ -155,7 +156,7 @@ class JobSummary:
         run["interrupted"] = d["run"].get("interrupted")
         return cls(shards=int(d["shards"]), committed=int(d["committed"]),
                    missing=[MissingShard(**m) for m in d["missing"]], totals=ShardStats.from_dict(d["totals"]),
-                   run=RunStats(**run), finished_at=d["finished_at"])
+                   run=RunStats(**run), too_many_errors=d.get("too_many_errors"), finished_at=d["finished_at"])
 
 
 def planned_rows(job: dict) -> dict[int, int]:

@@ -1,6 +1,7 @@
-"""`ShardWorker`: loads a model once, then decodes whole shards: read rows (from the planned file only) ->
-validate -> sort by prompt length -> decode (one continuous-batching generate() call, `batch_size` rows in
-flight) -> commit through `JobOutput` (shards/NNNNN.parquet, then stats/NNNNN.json, the commit marker, always last).
+"""`ShardWorker`: loads a model once, then decodes whole shards: read rows (from the planned input only) ->
+validate and template -> sort by prompt length -> decode (one continuous-batching generate() call, `batch_size` rows
+in flight, num_samples rows per prompt) -> commit through `JobOutput` (shards/NNNNN.parquet or .jsonl, then
+stats/NNNNN.json, the commit marker, always last).
 
 A plain class: the job driver wraps it with `ray.remote`; tests and notebooks use it directly.
 """
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,14 +23,16 @@ import pyarrow.parquet as pq
 
 import fastdllm
 
+from .inputs import InputReader, InputSource, ShardDataError
 from .output import DataFile, JobOutput, ShardRecord, now
 from .stats import ShardStats
-from .storage import filesystem, parquet_footer
 
 log = logging.getLogger("fastdllm.workers")
 
+OUTPUT_FORMATS = ("parquet", "jsonl")
 OUTPUT_SCHEMA_TAIL = [  # the output columns after `id` (whose type follows the input's id column)
-    pa.field("prompt", pa.string()),
+    pa.field("sample_index", pa.int32()),  # 0 .. decode.num_samples - 1
+    pa.field("prompt", pa.string()),  # the text the model got (after the chat template, when one applies)
     pa.field("completion", pa.string()),
     pa.field("completion_ids", pa.list_(pa.int32())),
     pa.field("n_tokens", pa.int32()),
@@ -35,18 +40,15 @@ OUTPUT_SCHEMA_TAIL = [  # the output columns after `id` (whose type follows the 
     pa.field("finish_reason", pa.string()),  # stop | length | error
     pa.field("error", pa.string()),  # null, or why the row was not decoded
 ]
-
-
-class ShardDataError(Exception):
-    """The shard's input is wrong (the file changed since planning, values cannot be decoded): retrying cannot
-    help, so the driver does not; the message says what to fix."""
+OUTPUT_COLUMNS = ("id", *(f.name for f in OUTPUT_SCHEMA_TAIL))  # kept input columns come after these
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Rows [start, stop) of one input Parquet file. `relpath` (the file relative to the input root) names
-    derived row ids, so they survive moving the dataset. file_size, file_rows and footer_sha256 pin the file as
-    planned (None: not checked)."""
+    """Rows [start, stop) of one planned input file (or HF dataset). `relpath` (the file relative to the input
+    root) names derived row ids, so they survive moving the dataset. file_size, file_rows and footer_sha256
+    (Parquet) or digest (JSONL/CSV content, HF fingerprint) pin the input as planned (None: not checked; see
+    workers/inputs.py)."""
 
     index: int
     file: str
@@ -56,6 +58,7 @@ class Shard:
     file_size: int | None = None
     file_rows: int | None = None
     footer_sha256: str | None = None
+    digest: str | None = None
 
     @property
     def rows(self) -> int:
@@ -68,18 +71,24 @@ class Shard:
 
 @dataclass
 class WorkerSettings:
-    """Everything a worker needs, from the resolved manifest. storage_options keep their `${VAR}` references;
-    each worker expands them from its own environment."""
+    """Everything a worker needs, from the resolved manifest and plan. storage_options keep their `${VAR}`
+    references; each worker expands them from its own environment."""
 
     model_source: str
-    decode: dict
+    decode: fastdllm.DecodeConfig
     output_uri: str
-    prompt_column: str = "prompt"
+    source: InputSource = InputSource("")  # the input's format (and for HF datasets: uri, config, split)
+    prompt_column: str | None = "prompt"
+    messages_column: str | None = None  # instead of prompt_column: a list of {role, content} per row
     id_column: str | None = None
+    keep_columns: tuple[str, ...] = ()  # input columns copied to the output
+    num_samples: int = 1
+    output_format: str = "parquet"
     model_revision: str | None = None
     dtype: str = "auto"
     device: str | None = None
-    chat_template: bool = False
+    chat_template: bool | str = False
+    system_prompt: str | None = None
     trust_remote_code: bool = False
     storage_options: dict = field(default_factory=dict)
     batch_size: int = 16
@@ -90,63 +99,36 @@ class WorkerSettings:
     error: dict[int, int] = field(default_factory=dict)
     hang: dict[int, int] = field(default_factory=dict)
 
+    @property
+    def input_columns(self) -> list[str]:
+        """The input columns a shard reads: prompt or messages, id, kept columns (each once, in that order)."""
+        cols = [self.messages_column or self.prompt_column, self.id_column, *self.keep_columns]
+        return list(dict.fromkeys(c for c in cols if c))
 
-def seed_id(row_id) -> int:
-    """A stable non-negative int for a row id (ints as they are, anything else hashed): seeds the row's noise."""
-    if isinstance(row_id, int) and not isinstance(row_id, bool) and row_id >= 0:
+
+def seed_id(row_id, sample_index: int = 0) -> int:
+    """A stable non-negative int for (row id, sample index) that seeds the sample's noise (passed to
+    fastdllm.generate as its row id), so any sample can be recomputed alone. Sample 0 of a non-negative int id is
+    the id itself; anything else is hashed."""
+    if sample_index == 0 and isinstance(row_id, int) and not isinstance(row_id, bool) and row_id >= 0:
         return row_id
-    return int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "little") >> 1
+    key = str(row_id) if sample_index == 0 else f"{row_id}\x00{sample_index}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _num_rows(f) -> int | None:
-    try:
-        return pq.ParquetFile(f, pre_buffer=False).metadata.num_rows
-    except (pa.ArrowException, OSError):
-        return None
+def reason_kind(why: str) -> str:
+    """An error message with its numbers blanked, so rows failing for the same reason count together."""
+    return re.sub(r"\d+", "N", why)
 
 
-def _check_pinned(shard: Shard, f) -> None:
-    """ShardDataError when the open input file is not the one planned: its size, else its footer (which holds
-    the row count and the schema), differs. Checked before Parquet parses anything, so a file caught half
-    rewritten is reported as changed too."""
-    size = f.size if getattr(f, "size", None) is not None else f.seek(0, 2)
-    why = None
-    if shard.file_size is not None and size != shard.file_size:
-        why = f"{shard.file_size} -> {size} bytes"
-        rows = _num_rows(f)
-        if rows is not None and rows != shard.file_rows:
-            why += f", {shard.file_rows} -> {rows} rows"
-    elif shard.footer_sha256 is not None:
-        footer = parquet_footer(f, size)
-        if footer is None or hashlib.sha256(footer).hexdigest() != shard.footer_sha256:
-            why = "its Parquet footer differs"
-    if why:
-        raise ShardDataError(f"input file {shard.file} changed since the job was planned ({why}); fix the input: "
-                             "restore the planned file, or rerun with --force to plan the new input")
-
-
-def read_shard_rows(shard: Shard, columns: list[str], storage_options: dict | None = None) -> pa.Table:
-    """The shard's rows of `columns`, reading only the row groups that overlap it. The file must still be the
-    planned one, and its values must decode: otherwise ShardDataError."""
-    fs, path = filesystem(shard.file, storage_options)
-    with fs.open(path, "rb") as f:
-        _check_pinned(shard, f)
-        try:
-            pf = pq.ParquetFile(f, pre_buffer=False)  # no background reads: see jobs/plan.py
-            groups, offset, first = [], 0, None
-            for g in range(pf.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                if offset < shard.stop and offset + n > shard.start:
-                    groups.append(g)
-                    first = offset if first is None else first
-                offset += n
-            if not groups:
-                return pf.schema_arrow.empty_table().select(columns)
-            table = pf.read_row_groups(groups, columns=columns, use_threads=False)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-            raise ShardDataError(f"input file {shard.file} rows [{shard.start}, {shard.stop}) cannot be decoded "
-                                 f"({type(e).__name__}: {e}); fix the input file") from None
-    return table.select(columns).slice(shard.start - (first or 0), shard.rows)
+def encode_rows(table: pa.Table, fmt: str) -> bytes:
+    """A shard's output table as the bytes of its data file: Parquet, or JSON Lines (one object per row; values
+    JSON cannot hold, such as timestamps or bytes, as their text)."""
+    if fmt == "parquet":
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return buf.getvalue()
+    return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in table.to_pylist()).encode()
 
 
 def decode_text(column: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
@@ -178,11 +160,13 @@ class ShardWorker:
                                          revision=settings.model_revision)
         self.tok = fastdllm.load_tokenizer(settings.model_source, revision=settings.model_revision,
                                            trust_remote_code=settings.trust_remote_code)
-        self.cfg = fastdllm.DecodeConfig.from_dict(settings.decode)
+        self.cfg = settings.decode
         self.max_prompt = self.model.config.max_seq_len - self.cfg.gen_length
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.reader = InputReader(settings.source, settings.storage_options,
+                                  string_columns=(settings.prompt_column,) if settings.prompt_column else ())
         self._warm_up()
-        self.out = JobOutput(settings.output_uri, settings.storage_options)
+        self.out = JobOutput(settings.output_uri, settings.storage_options, ext=settings.output_format)
 
     def _warm_up(self) -> None:
         """Decode one full batch of a one-token prompt, so the first shard does not pay for lazy kernel set-up
@@ -193,24 +177,48 @@ class ShardWorker:
     def ready(self) -> str:
         return self.name
 
-    def _encode(self, prompt) -> tuple[list[int] | None, str | None]:
-        """(ids, None) for a usable prompt, else (None, why)."""
-        if prompt is None:
-            return None, "prompt is null"
-        if not isinstance(prompt, str):
-            return None, f"prompt is a {type(prompt).__name__}, not a string"
-        if not prompt.strip():
+    def _prompt_text(self, value) -> tuple[str | None, str | None]:
+        """(the text the model gets, None) for a usable prompt or conversation, else (None, why)."""
+        if value is None:
+            return None, f"{'messages' if self.s.messages_column else 'prompt'} is null"
+        if self.s.messages_column:
+            if not value:
+                return None, "messages is an empty list"
+            if any(not isinstance(m, dict) or not isinstance(m.get("content"), str) or not m.get("role")
+                   for m in value):
+                return None, "messages has a turn without a role or a text content"
+            turns = [{"role": m["role"], "content": m["content"]} for m in value]
+            try:
+                return self.tok.render(turns, self.s.chat_template, self.s.system_prompt), None
+            except Exception as e:  # a template that raises belongs to the row, not the shard
+                return None, f"messages could not be rendered by the chat template: {type(e).__name__}: {e}"
+        if not isinstance(value, str):
+            return None, f"prompt is a {type(value).__name__}, not a string"
+        if not value.strip():
             return None, "prompt is empty"
+        if self.s.chat_template is False:
+            return value, None
         try:
-            ids = self.tok.encode(prompt, chat_template=self.s.chat_template)
+            return self.tok.render([{"role": "user", "content": value}], self.s.chat_template,
+                                   self.s.system_prompt), None
+        except Exception as e:
+            return None, f"prompt could not be rendered by the chat template: {type(e).__name__}: {e}"
+
+    def _encode(self, value) -> tuple[str | None, list[int] | None, str | None]:
+        """(text, ids, None) for a usable prompt, else (text or None, None, why)."""
+        text, why = self._prompt_text(value)
+        if why is not None:
+            return None, None, why
+        try:
+            ids = self.tok.encode_text(text)
         except Exception as e:  # a tokenizer failure belongs to the row, not the shard
-            return None, f"prompt could not be tokenized: {type(e).__name__}: {e}"
+            return text, None, f"prompt could not be tokenized: {type(e).__name__}: {e}"
         if not ids:
-            return None, "prompt encodes to no tokens"
+            return text, None, "prompt encodes to no tokens"
         if len(ids) > self.max_prompt:
-            return None, (f"prompt has {len(ids)} tokens; the model takes at most {self.max_prompt} with "
-                          f"gen_length {self.cfg.gen_length} ({self.model.config.max_seq_len} positions)")
-        return ids, None
+            return text, None, (f"prompt has {len(ids)} tokens; the model takes at most {self.max_prompt} with "
+                                f"gen_length {self.cfg.gen_length} ({self.model.config.max_seq_len} positions)")
+        return text, ids, None
 
     def _inject_fault(self, shard: Shard, attempt: int) -> None:
         if attempt < self.s.crash.get(shard.index, 0):
@@ -225,14 +233,14 @@ class ShardWorker:
                 time.sleep(60)
 
     def run_shard(self, shard: Shard, attempt: int = 0) -> ShardRecord:
-        """Decode one shard and commit it; returns its commit record (what stats/NNNNN.json holds). A shard
-        whose input is wrong raises ShardDataError (the driver does not retry it)."""
+        """Decode one shard and commit it; returns its commit record (what stats/NNNNN.json holds). Each input row
+        gives num_samples output rows (row-major), sample k of row r seeded by seed_id(r's id, k). A shard whose
+        input is wrong raises ShardDataError (the driver does not retry it)."""
         t0 = time.perf_counter()
         started = now()
-        cols = [self.s.prompt_column] + ([self.s.id_column] if self.s.id_column else [])
-        table = read_shard_rows(shard, cols, self.s.storage_options)
+        table = self.reader.read(shard, self.s.input_columns)
         read_seconds = time.perf_counter() - t0
-        prompts, undecodable = decode_text(table.column(self.s.prompt_column))
+        values, undecodable = decode_text(table.column(self.s.messages_column or self.s.prompt_column))
         if self.s.id_column:
             id_col = table.column(self.s.id_column)
             ids, bad_ids = decode_text(id_col)
@@ -242,56 +250,61 @@ class ShardWorker:
                                      f"{self.s.id_column!r} is {why}; fix the input")
             id_type = id_col.type
         else:
-            ids = [f"{shard.relpath}:{shard.start + i}" for i in range(len(prompts))]
-            id_type = pa.string()
+            ids, id_type = [f"{shard.relpath}:{shard.start + i}" for i in range(len(values))], pa.string()
 
-        n = len(prompts)
-        completion_ids: list[list[int] | None] = [None] * n
-        nfe = [0] * n
-        reasons = ["error"] * n
+        n, ns = len(values), self.s.num_samples
+        texts: list[str | None] = [None] * n
         errors: list[str | None] = [None] * n
-        encoded = []
-        for i, p in enumerate(prompts):
+        todo = []  # (prompt length, row, sample, ids)
+        for i, v in enumerate(values):
             if i in undecodable:
                 errors[i] = f"prompt is {undecodable[i]} ({shard.relpath} row {shard.start + i})"
                 continue
-            enc, why = self._encode(p)
-            if why is None:
-                encoded.append((len(enc), i, enc))
-            else:
-                errors[i] = why
-        encoded.sort(key=lambda t: (t[0], t[1]))  # rows join in length order: similar lengths are in flight together
+            text, enc, errors[i] = self._encode(v)
+            texts[i] = text if text is not None or not isinstance(v, str) else v  # a bad prompt as it came
+            if enc is not None:
+                todo += [(len(enc), i, k, enc) for k in range(ns)]
+        todo.sort(key=lambda t: t[:3])  # rows join in length order: similar lengths are in flight together
+        bad = [reason_kind(e) for e in errors if e is not None]
 
-        counters = ShardStats(shards=1, rows=n, error_rows=n - len(encoded), read_seconds=read_seconds)
+        counters = ShardStats(shards=1, rows=n, error_rows=len(bad), read_seconds=read_seconds,
+                              error_reasons={k: bad.count(k) for k in set(bad)})
+        completion_ids: list[list[int] | None] = [None] * (n * ns)  # output row i * ns + k
+        nfe = [0] * (n * ns)
+        reasons = ["error"] * (n * ns)
         t_dec = time.perf_counter()
-        if encoded:  # the whole shard in one call: a finished row's slot goes to the next prompt at once
-            out = fastdllm.generate(self.model, [e for _, _, e in encoded], self.cfg,
-                                    row_ids=[seed_id(ids[i]) for _, i, _ in encoded],
+        if todo:  # the whole shard in one call: a finished row's slot goes to the next prompt at once
+            out = fastdllm.generate(self.model, [e for *_, e in todo], self.cfg,
+                                    row_ids=[seed_id(ids[i], k) for _, i, k, _ in todo],
                                     max_batch_size=self.s.batch_size)
-            for (_, i, _), toks, k, why in zip(encoded, out.tokens, out.nfe, out.finish_reasons):
-                completion_ids[i], nfe[i], reasons[i] = toks, k, why
+            for (_, i, k, _), toks, steps, why in zip(todo, out.tokens, out.nfe, out.finish_reasons):
+                completion_ids[i * ns + k], nfe[i * ns + k], reasons[i * ns + k] = toks, steps, why
             counters.forward_passes += out.stats["forward_passes"]
             counters.row_forwards += out.stats["row_forwards"]
         counters.decode_seconds = time.perf_counter() - t_dec
         self._inject_fault(shard, attempt)
 
-        texts = [self.tok.decode(t) if t is not None else None for t in completion_ids]
         n_tokens = [len(t) if t is not None else 0 for t in completion_ids]
         counters.generated_tokens = sum(n_tokens)
         counters.nfe = sum(nfe)
+        rows = [i for i in range(n) for _ in range(ns)]  # the input row of each output row
         schema = pa.schema([pa.field("id", id_type)] + OUTPUT_SCHEMA_TAIL)
-        out_table = pa.table([ids, [p if isinstance(p, str) else None for p in prompts], texts, completion_ids,
-                              n_tokens, nfe, reasons, errors], schema=schema)
+        out_table = pa.table([[ids[i] for i in rows], [k for _ in range(n) for k in range(ns)],
+                              [texts[i] for i in rows], [self.tok.decode(t) if t is not None else None
+                                                         for t in completion_ids],
+                              completion_ids, n_tokens, nfe, reasons, [errors[i] for i in rows]], schema=schema)
+        if self.s.keep_columns:
+            kept = table.select(list(self.s.keep_columns)).take(pa.array(rows, pa.int64()))
+            for name, col in zip(kept.column_names, kept.columns):
+                out_table = out_table.append_column(name, col)
         t_write = time.perf_counter()
-        buf = io.BytesIO()
-        pq.write_table(out_table, buf)
+        data = encode_rows(out_table, self.s.output_format)
 
         def record(file: DataFile) -> ShardRecord:  # called once the data file is written, before the marker
             counters.write_seconds = time.perf_counter() - t_write
             counters.wall_seconds = time.perf_counter() - t0
             return ShardRecord(shard=shard.index, stats=counters, file=file, worker=self.name, device=self.device,
-                               model=self.s.model_source, config=self.cfg.to_dict(), attempt=attempt,
-                               started_at=started,
-                               finished_at=now())
+                               model=self.s.model_source, config={**self.cfg.to_dict(), "num_samples": ns},
+                               attempt=attempt, started_at=started, finished_at=now())
 
-        return self.out.commit(shard.index, buf.getvalue(), out_table.num_rows, record)
+        return self.out.commit(shard.index, data, out_table.num_rows, record)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -12,8 +13,8 @@ class ShardStats:
     token: never the prompt, never padding. wall_seconds runs from reading the shard to committing it."""
 
     shards: int = 0
-    rows: int = 0
-    error_rows: int = 0
+    rows: int = 0  # input rows (prompts); each gives num_samples output rows
+    error_rows: int = 0  # input rows that could not be decoded (their output rows carry the error)
     generated_tokens: int = 0
     nfe: int = 0
     forward_passes: int = 0
@@ -22,10 +23,16 @@ class ShardStats:
     decode_seconds: float = 0.0  # fastdllm.generate calls
     write_seconds: float = 0.0  # writing the shard's Parquet file
     wall_seconds: float = 0.0  # reading the shard -> committing it
+    error_reasons: dict[str, int] = field(default_factory=dict)  # error rows by reason (numbers blanked)
 
     def __add__(self, other: "ShardStats") -> "ShardStats":
-        return ShardStats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
-                             for f in dataclasses.fields(self)})
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)
+                  if f.name != "error_reasons"}
+        return ShardStats(**summed, error_reasons=dict(Counter(self.error_reasons) + Counter(other.error_reasons)))
+
+    def commonest_errors(self, k: int = 3) -> list[tuple[str, int]]:
+        """The k most frequent error reasons with their row counts, most frequent first."""
+        return sorted(self.error_reasons.items(), key=lambda t: (-t[1], t[0]))[:k]
 
     @property
     def tokens_per_second(self) -> float:
@@ -42,4 +49,5 @@ class ShardStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardStats":
-        return cls(**{f.name: d.get(f.name, 1 if f.name == "shards" else 0) for f in dataclasses.fields(cls)})
+        defaults = {"shards": 1, "error_reasons": {}}
+        return cls(**{f.name: d.get(f.name, defaults.get(f.name, 0)) for f in dataclasses.fields(cls)})

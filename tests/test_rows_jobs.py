@@ -1,0 +1,110 @@
+"""Pipeline-native rows through whole jobs on a real local Ray: JSONL / CSV / save_to_disk inputs run and resume
+with every row exactly once; the synthetic-data manifest (messages, kept columns, samples, JSONL output); the
+error policy's exit 1."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from jobs import parse_manifest, run_job
+from jobs.cli import main
+
+from .test_rows import DECODE, rows, write
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_demo_data import write_chat_data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def output_rows(out: Path) -> list[dict]:
+    got = []
+    for p in sorted((out / "shards").iterdir()):
+        if p.suffix == ".jsonl":
+            got += [json.loads(line) for line in p.read_text().splitlines()]
+        else:
+            import pyarrow.parquet as pq
+
+            got += pq.read_table(p).to_pylist()
+    return got
+
+
+@pytest.mark.parametrize("fmt,out_fmt", [("jsonl", "parquet"), ("csv", "jsonl"), ("hf", "parquet")])
+def test_format_runs_and_resumes_every_row_once(tmp_path, ray_address, fmt, out_fmt):
+    data = rows()
+    uri = write(tmp_path / "in" / {"jsonl": "a.jsonl", "csv": "a.csv", "hf": "saved"}[fmt], data, fmt)
+    spec = {"name": "t", "model": {"source": "tiny"},
+            "input": {"uri": uri, "rows_per_shard": 3, "keep_columns": ["answer"]},
+            "output": {"uri": str(tmp_path / "out"), "format": out_fmt}, "decode": dict(DECODE),
+            "workers": {"count": 1, "batch_size": 4}}
+    m = parse_manifest(spec)
+    first = run_job(m, address=ray_address)
+    assert first.ok, (first.failed, first.summary.too_many_errors)
+    out = tmp_path / "out"
+    (out / "stats" / "00001.json").unlink()  # as if the worker died before committing shard 1
+    (out / "shards" / f"00001.{out_fmt}").write_bytes(b"half-written")
+    again = run_job(m, address=ray_address)
+    assert again.ok and again.summary.run.shards_run == 1 and again.summary.committed == 3
+    got = output_rows(out)
+    rel = "data" if fmt == "hf" else "a." + fmt
+    assert sorted(r["id"] for r in got) == sorted(f"{rel}:{i}" for i in range(len(data)))
+    by_id = {r["id"]: r for r in got}
+    for i, src in enumerate(data):
+        r = by_id[f"{rel}:{i}"]
+        assert (r["prompt"], r["answer"], r["sample_index"], r["error"]) == (src["prompt"], src["answer"], 0, None)
+
+
+def test_synthetic_manifest_messages_kept_columns_samples(tmp_path, ray_address):
+    write_chat_data(tmp_path / "in", rows=6, files=2)
+    over = [f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out'}", "input.rows_per_shard=2",
+            "decode.gen_length=16", "decode.steps=16", "workers.count=1"]
+    r = CliRunner().invoke(main, ["run", str(ROOT / "manifests" / "synthetic.yaml"), "--address", ray_address,
+                                  *[a for o in over for a in ("--set", o)]])
+    assert r.exit_code == 0, r.output
+    got = output_rows(tmp_path / "out")
+    src = {json.loads(line)["id"]: json.loads(line) for p in sorted((tmp_path / "in").iterdir())
+           for line in p.read_text().splitlines()}
+    assert sorted((g["id"], g["sample_index"]) for g in got) == [(i, k) for i in range(6) for k in range(4)]
+    for g in got:
+        s = src[g["id"]]
+        assert (g["answer"], g["task"]) == (s["answer"], s["task"])
+        assert g["prompt"] == s["messages"][0]["content"] and g["finish_reason"] in ("stop", "length")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["totals"]["rows"] == 6 and summary["too_many_errors"] is None
+
+
+def test_error_rate_above_the_limit_exits_1(tmp_path, ray_address):
+    data = [{"prompt": p} for p in ["1+1=", "", "   ", None, "2+2=", "1" * 600]]
+    write(tmp_path / "in" / "a.jsonl", data, "jsonl")
+    spec = {"name": "t", "model": {"source": "tiny"}, "input": {"uri": str(tmp_path / "in"), "rows_per_shard": 3},
+            "output": {"uri": str(tmp_path / "out")}, "decode": dict(DECODE),
+            "workers": {"count": 1, "batch_size": 4, "max_error_rate": 0.5}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "job.yaml"), "--address", ray_address])
+    assert r.exit_code == 1, r.output
+    line = "4 of 6 rows failed (66.7%), above workers.max_error_rate 0.5; commonest: prompt is empty (2); "
+    assert f"error: {line}" in r.output, r.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["committed"] == 2 and summary["too_many_errors"].startswith(line)
+    r = CliRunner().invoke(main, ["status", str(tmp_path / "out")])
+    assert r.exit_code == 0 and f"too many errors: {line}" in r.output, r.output
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "job.yaml"), "--address", ray_address,
+                                  "--set", "workers.max_error_rate=0.7"])
+    assert r.exit_code == 0, r.output  # the policy is not part of the job's identity: same shards, new verdict

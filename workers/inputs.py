@@ -1,0 +1,373 @@
+"""Input datasets: list, inspect (for planning) and read (for a shard) Parquet, JSON Lines and CSV files, and
+Hugging Face datasets (a `save_to_disk` directory, or a hub dataset already in the local cache).
+
+Planning and reading share this module so that both see the same rows in the same order: a shard is rows
+[start, stop) of one planned source, and `<relpath>:<row>` is a stable derived row id.
+
+How each format is counted and pinned (the `digest` the plan records and the worker checks):
+- Parquet: rows from the footer; digest = sha256 of the footer (the file is read by row groups).
+- JSONL / CSV: the whole file is read and parsed once at planning (there is no footer to count rows from);
+  digest = sha256 of its (decompressed) bytes. A worker reads the whole file again, refuses bytes with another
+  digest, and keeps the last parsed file, so consecutive shards of one file are parsed once per worker.
+- Hugging Face dataset: rows = len(dataset); digest = the dataset's own fingerprint (datasets' `_fingerprint`,
+  stored in state.json by save_to_disk and in the cache's arrow files' metadata).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from .storage import expand_env, filesystem, parquet_footer, storage_error
+
+# By extension (a `.json` file may be one JSON document, not lines: name it .jsonl or set input.format: jsonl).
+FILE_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+FORMATS = ("auto", "parquet", "jsonl", "csv", "hf")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # read through fsspec's compression="infer"
+HF_MARKERS = ("state.json", "dataset_dict.json")  # a directory written by Dataset(Dict).save_to_disk
+GLOB_CHARS = "*?["
+
+
+class InputError(ValueError):
+    """The input cannot be listed or planned; the message names the path and what to change."""
+
+
+class ShardDataError(Exception):
+    """The shard's input is wrong (the file changed since planning, values cannot be decoded): retrying cannot
+    help, so the driver does not; the message says what to fix."""
+
+
+def changed(uri: str, what: str) -> ShardDataError:
+    return ShardDataError(f"input file {uri} changed since the job was planned ({what}); fix the input: restore "
+                          "the planned file, or rerun with --force to plan the new input")
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """Where a job's rows come from: `uri` (a file, glob, directory, or hub dataset name), its resolved format,
+    and for Hugging Face datasets the config and split."""
+
+    uri: str
+    format: str = "parquet"  # parquet | jsonl | csv | hf
+    config: str | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """What planning learns from one input file (or HF dataset): rows, size, digest, schema, and the ids."""
+
+    uri: str
+    relpath: str
+    rows: int
+    size: int
+    digest: str
+    schema: pa.Schema
+    ids: pa.ChunkedArray | None
+
+
+def file_format(path: str) -> str | None:
+    """The format a file name implies (compression suffixes looked through), or None."""
+    p = PurePosixPath(path.lower())
+    if p.suffix in COMPRESSIONS:  # JSONL and CSV only: Parquet compresses inside the file
+        fmt = FILE_FORMATS.get(p.with_suffix("").suffix)
+        return fmt if fmt != "parquet" else None
+    return FILE_FORMATS.get(p.suffix)
+
+
+def _fs(uri: str, storage_options: dict | None):
+    try:
+        return filesystem(uri, storage_options)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    except Exception as e:  # an unknown protocol's missing package, bad storage options
+        raise InputError(f"cannot open {uri}: {storage_error(e)}") from None
+
+
+def resolve_source(uri: str, fmt: str, config: str | None, split: str | None, storage_options: dict | None
+                   ) -> InputSource:
+    """The InputSource a manifest's input names: format `auto` becomes `hf` for a save_to_disk directory, else
+    the format of the files' extensions (all files must agree)."""
+    if fmt == "auto":
+        fs, path = _fs(uri, storage_options)
+        if not any(c in path for c in GLOB_CHARS) and _is_hf_dir(fs, path):
+            fmt = "hf"
+    if fmt == "hf":
+        return InputSource(uri, "hf", config, split)
+    if config or split:
+        raise InputError("input.config and input.split apply to Hugging Face datasets only (input.format: hf)")
+    return InputSource(uri, fmt)
+
+
+def _is_hf_dir(fs, path: str) -> bool:
+    try:
+        return fs.isdir(path) and any(fs.isfile(f"{path.rstrip('/')}/{m}") for m in HF_MARKERS)
+    except OSError:
+        return False
+
+
+def list_files(source: InputSource, storage_options: dict | None) -> tuple[str, list[tuple[str, str]]]:
+    """(format, [(uri, relpath)]) of the files `source.uri` names: a file, a glob, or a directory searched
+    recursively for files of the format (any known format when it is `auto`; then they must all agree)."""
+    uri, fmt = source.uri, source.format
+    fs, path = _fs(uri, storage_options)
+    wanted = (lambda p: file_format(p) is not None) if fmt == "auto" else (lambda p: file_format(p) == fmt)
+    try:
+        if any(c in path for c in GLOB_CHARS):
+            base = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
+            found = [p for p in sorted(fs.glob(path)) if fs.isfile(p)]
+            if not found:
+                raise InputError(f"input.uri {uri} matched no files")
+        elif fs.isdir(path):
+            base = path.rstrip("/")
+            found = sorted(p for p in fs.find(path) if wanted(p))
+            if not found:
+                what = "Parquet, JSONL or CSV" if fmt == "auto" else fmt
+                raise InputError(f"input.uri {uri} is a directory with no {what} files "
+                                 f"({', '.join(k for k, v in FILE_FORMATS.items() if fmt in ('auto', v))})")
+        elif fs.isfile(path):
+            base, found = path.rsplit("/", 1)[0] if "/" in path else "", [path]
+        else:
+            raise InputError(f"input.uri {uri} does not exist")
+    except InputError:
+        raise
+    except Exception as e:  # permissions, unreachable endpoint, missing bucket or credentials, bad options
+        raise InputError(f"cannot list input.uri {uri}: {storage_error(e)}") from None
+    if fmt == "auto":
+        kinds = {p: file_format(p) for p in found}
+        unknown = [p for p, k in kinds.items() if k is None]
+        if unknown:
+            raise InputError(f"cannot tell the format of {unknown[0]} from its name; set input.format "
+                             f"({', '.join(FORMATS[1:])})")
+        if len(set(kinds.values())) > 1:
+            raise InputError(f"input.uri {uri} mixes formats ({', '.join(sorted(set(kinds.values())))}); "
+                             "point it at one format, or set input.format to read only that one")
+        fmt = next(iter(kinds.values()))
+    out = []
+    for p in found:
+        rel = p[len(base):].lstrip("/") if base and p.startswith(base) else PurePosixPath(p).name
+        out.append((fs.unstrip_protocol(p) if "://" in uri else p, rel))
+    return fmt, out
+
+
+# -- Parquet ---------------------------------------------------------------------------------------------------
+
+def inspect_parquet(uri: str, relpath: str, id_column: str | None, storage_options: dict | None) -> Inspected:
+    """Rows, footer hash, schema and ids of a Parquet file, reading only its footer and the id column."""
+    fs, path = _fs(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            size = f.size if f.size is not None else fs.size(path)
+            footer = parquet_footer(f, size)
+            if footer is None:
+                raise InputError(f"input file {uri} is not a Parquet file (no PAR1 footer)")
+            f.seek(0)
+            # No pre-buffering or reader threads on a Python file object: arrow's pool would release its buffers
+            # after we return, and a release racing interpreter exit aborts the process ("terminate called
+            # without an active exception"), seen on `fastdllm plan` about one run in ten.
+            pf = pq.ParquetFile(f, pre_buffer=False)
+            schema = pf.schema_arrow
+            ids = None
+            if id_column and id_column in schema.names:
+                ids = pf.read(columns=[id_column], use_threads=False).column(0)
+            rows = pf.metadata.num_rows
+    except InputError:
+        raise
+    except Exception as e:  # storage errors of any fsspec backend, arrow errors
+        raise InputError(f"input file {uri} is unreadable or not valid Parquet: {storage_error(e)}") from None
+    return Inspected(uri, relpath, rows, size, hashlib.sha256(footer).hexdigest(), schema, ids)
+
+
+def _num_rows(f) -> int | None:
+    try:
+        return pq.ParquetFile(f, pre_buffer=False).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return None
+
+
+def _check_pinned(shard, f) -> None:
+    """ShardDataError when the open Parquet file is not the one planned: its size, else its footer (which holds
+    the row count and the schema), differs. Checked before Parquet parses anything, so a file caught half
+    rewritten is reported as changed too."""
+    size = f.size if getattr(f, "size", None) is not None else f.seek(0, 2)
+    why = None
+    if shard.file_size is not None and size != shard.file_size:
+        why = f"{shard.file_size} -> {size} bytes"
+        rows = _num_rows(f)
+        if rows is not None and rows != shard.file_rows:
+            why += f", {shard.file_rows} -> {rows} rows"
+    elif shard.footer_sha256 is not None:
+        footer = parquet_footer(f, size)
+        if footer is None or hashlib.sha256(footer).hexdigest() != shard.footer_sha256:
+            why = "its Parquet footer differs"
+    if why:
+        raise changed(shard.file, why)
+
+
+def read_shard_rows(shard, columns: list[str], storage_options: dict | None = None) -> pa.Table:
+    """A Parquet shard's rows of `columns`, reading only the row groups that overlap it. The file must still be
+    the planned one, and its values must decode: otherwise ShardDataError."""
+    fs, path = filesystem(shard.file, storage_options)
+    with fs.open(path, "rb") as f:
+        _check_pinned(shard, f)
+        try:
+            pf = pq.ParquetFile(f, pre_buffer=False)  # no background reads: see inspect_parquet
+            groups, offset, first = [], 0, None
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if offset < shard.stop and offset + n > shard.start:
+                    groups.append(g)
+                    first = offset if first is None else first
+                offset += n
+            if not groups:
+                return pf.schema_arrow.empty_table().select(columns)
+            table = pf.read_row_groups(groups, columns=columns, use_threads=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise ShardDataError(f"input file {shard.file} rows [{shard.start}, {shard.stop}) cannot be decoded "
+                                 f"({type(e).__name__}: {e}); fix the input file") from None
+    return table.select(columns).slice(shard.start - (first or 0), shard.rows)
+
+
+# -- JSON Lines and CSV ----------------------------------------------------------------------------------------
+
+def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
+    fs, path = _fs(uri, storage_options)
+    try:
+        with fs.open(path, "rb", compression="infer") as f:
+            return f.read()
+    except Exception as e:  # storage errors of any fsspec backend
+        raise InputError(f"input file {uri} is unreadable: {storage_error(e)}") from None
+
+
+def parse_text(data: bytes, fmt: str, uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
+    """A JSONL or CSV file's bytes as a table (types inferred; `string_columns` of a CSV read as text, so a
+    prompt such as "12" stays a string)."""
+    try:
+        if fmt == "jsonl":
+            return pajson.read_json(io.BytesIO(data))
+        types = {c: pa.string() for c in string_columns}  # names the file lacks are ignored
+        return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types))
+    except pa.ArrowException as e:
+        what = "JSON Lines (one JSON object per line)" if fmt == "jsonl" else "CSV with a header row"
+        raise InputError(f"input file {uri} is not valid {what}: {str(e).splitlines()[0]}") from None
+
+
+def inspect_text(uri: str, relpath: str, fmt: str, id_column: str | None, string_columns: tuple[str, ...],
+                 storage_options: dict | None) -> Inspected:
+    """Rows, content hash, schema and ids of a JSONL or CSV file (read and parsed whole)."""
+    data = _read_bytes(uri, storage_options)
+    table = parse_text(data, fmt, uri, string_columns)
+    ids = table.column(id_column) if id_column and id_column in table.column_names else None
+    return Inspected(uri, relpath, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), table.schema, ids)
+
+
+# -- Hugging Face datasets -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Make `datasets` resolve a hub dataset from the local cache only: no request leaves the process. Both
+    libraries read their offline switch from the environment at import, so the switch is flipped here for the
+    duration of the call (a job reads what is cached, never downloads on a worker)."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    before = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = before
+
+
+def open_hf(source: InputSource, storage_options: dict | None):
+    """The `datasets.Dataset` of a save_to_disk directory (any fsspec URI) or of a hub dataset in the local
+    cache, with `source.split` chosen from a DatasetDict (required when it has several splits), and the split's
+    name."""
+    import datasets
+
+    fs, path = _fs(source.uri, storage_options)
+    try:
+        if _is_hf_dir(fs, path):
+            if source.config:
+                raise InputError(f"input.config applies to hub datasets; {source.uri} is a save_to_disk directory")
+            ds = datasets.load_from_disk(source.uri, storage_options=expand_env(storage_options) or None)
+        else:
+            with _hub_offline():
+                ds = datasets.load_dataset(source.uri, source.config, split=source.split)
+    except InputError:
+        raise
+    except Exception as e:  # datasets raises many kinds (FileNotFoundError, ValueError, its own errors)
+        raise InputError(f"input.uri {source.uri} is neither a save_to_disk directory nor a hub dataset in the "
+                         f"local cache{f' (config {source.config!r})' if source.config else ''}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if source.split is None and len(splits) == 1:
+            return ds[splits[0]], splits[0]
+        if source.split not in ds:
+            raise InputError(f"input {source.uri} has splits {', '.join(splits)}; set input.split to one of them")
+        return ds[source.split], source.split
+    if source.split and ds.split is not None and str(ds.split) != source.split:
+        raise InputError(f"input {source.uri} holds split {ds.split}, not input.split {source.split!r}")
+    return ds, source.split or (str(ds.split) if ds.split is not None else "data")
+
+
+def inspect_hf(source: InputSource, id_column: str | None, storage_options: dict | None) -> Inspected:
+    """Rows, fingerprint, schema and ids of an HF dataset; derived row ids start with its split name (`data`
+    for a dataset without one)."""
+    ds, split = open_hf(source, storage_options)
+    table = ds.with_format("arrow")
+    schema = table[:0].schema
+    ids = table.select_columns([id_column])[:].column(0) if id_column and id_column in schema.names else None
+    return Inspected(source.uri, split, len(ds), 0, ds._fingerprint, schema, ids)
+
+
+# -- Reading planned shards ------------------------------------------------------------------------------------
+
+class InputReader:
+    """Reads the rows of planned shards of one job's input. It keeps the last parsed JSONL/CSV file and the
+    opened HF dataset, so the consecutive shards a worker gets from one file are parsed once."""
+
+    def __init__(self, source: InputSource, storage_options: dict | None = None,
+                 string_columns: tuple[str, ...] = ()):
+        self.source = source
+        self.storage_options = storage_options
+        self.string_columns = string_columns
+        self._text: tuple[tuple, pa.Table] | None = None  # ((uri, digest), parsed table)
+        self._hf = None
+
+    def read(self, shard, columns: list[str]) -> pa.Table:
+        """The rows of a planned shard (workers.Shard), `columns` of them; input that is no longer what the plan
+        saw raises ShardDataError (the shard fails as a data error, not retried)."""
+        try:
+            return self._read(shard, columns)
+        except InputError as e:  # the planned file is gone or no longer parses
+            raise ShardDataError(str(e)) from None
+
+    def _read(self, shard, columns: list[str]) -> pa.Table:
+        fmt = self.source.format
+        if fmt == "parquet":
+            return read_shard_rows(shard, columns, self.storage_options)
+        if fmt == "hf":
+            if self._hf is None:
+                self._hf = open_hf(self.source, self.storage_options)[0]
+            if shard.digest is not None and self._hf._fingerprint != shard.digest:
+                raise changed(shard.file, f"dataset fingerprint {shard.digest} -> {self._hf._fingerprint}")
+            return self._hf.select_columns(columns).with_format("arrow")[shard.start : shard.stop]
+        key = (shard.file, shard.digest)
+        if self._text is None or self._text[0] != key or shard.digest is None:
+            data = _read_bytes(shard.file, self.storage_options)
+            if shard.file_size is not None and len(data) != shard.file_size:
+                raise changed(shard.file, f"{shard.file_size} -> {len(data)} bytes")
+            if shard.digest is not None and hashlib.sha256(data).hexdigest() != shard.digest:
+                raise changed(shard.file, "its content differs")
+            self._text = (key, parse_text(data, fmt, shard.file, self.string_columns))
+        return self._text[1].select(columns).slice(shard.start, shard.rows)
