@@ -232,71 +232,84 @@ class ShardWorker:
             while True:
                 time.sleep(60)
 
+    def _ids(self, table: pa.Table, shard: Shard) -> tuple[list, pa.DataType]:
+        """The rows' ids and their type: the id column's, or derived '<relpath>:<row>' strings."""
+        if not self.s.id_column:
+            return [f"{shard.relpath}:{shard.start + i}" for i in range(table.num_rows)], pa.string()
+        column = table.column(self.s.id_column)
+        ids, bad = decode_text(column)
+        if bad:
+            i, why = next(iter(bad.items()))
+            raise ShardDataError(f"input file {shard.file} row {shard.start + i}: id column {self.s.id_column!r} "
+                                 f"is {why}; fix the input")
+        return ids, column.type
+
+    def _prompts(self, table: pa.Table, shard: Shard) -> tuple[list, list, list]:
+        """Per input row: the prompt text (as the model gets it; a bad prompt as it came), its token ids (None for
+        a bad row) and why it is bad (None for a good one)."""
+        values, undecodable = decode_text(table.column(self.s.messages_column or self.s.prompt_column))
+        texts, encoded, errors = [], [], []
+        for i, v in enumerate(values):
+            if i in undecodable:
+                text, enc, why = None, None, f"prompt is {undecodable[i]} ({shard.relpath} row {shard.start + i})"
+            else:
+                text, enc, why = self._encode(v)
+            texts.append(text if text is not None or not isinstance(v, str) else v)
+            encoded.append(enc)
+            errors.append(why)
+        return texts, encoded, errors
+
+    def _decode(self, encoded: list, ids: list, counters: ShardStats, shard: Shard, attempt: int
+                ) -> tuple[list, list, list]:
+        """Decode num_samples samples of every good row in one continuous-batching generate() call (batch_size
+        rows in flight, joining in length order: similar lengths are in flight together), sample k of row i seeded
+        by seed_id(ids[i], k). Returns completion ids, nfe and finish reasons per output row i * num_samples + k."""
+        ns = self.s.num_samples
+        todo = sorted((len(e), i, k) for i, e in enumerate(encoded) if e is not None for k in range(ns))
+        completion_ids: list[list[int] | None] = [None] * (len(encoded) * ns)
+        nfe = [0] * len(completion_ids)
+        reasons = ["error"] * len(completion_ids)
+        t0 = time.perf_counter()
+        if todo:  # the whole shard in one call: a finished row's slot goes to the next prompt at once
+            out = fastdllm.generate(self.model, [encoded[i] for _, i, _ in todo], self.cfg,
+                                    row_ids=[seed_id(ids[i], k) for _, i, k in todo],
+                                    max_batch_size=self.s.batch_size)
+            for (_, i, k), toks, steps, why in zip(todo, out.tokens, out.nfe, out.finish_reasons):
+                completion_ids[i * ns + k], nfe[i * ns + k], reasons[i * ns + k] = toks, steps, why
+            counters.forward_passes += out.stats["forward_passes"]
+            counters.row_forwards += out.stats["row_forwards"]
+        counters.decode_seconds = time.perf_counter() - t0
+        self._inject_fault(shard, attempt)
+        counters.nfe = sum(nfe)
+        counters.generated_tokens = sum(len(t) for t in completion_ids if t is not None)
+        return completion_ids, nfe, reasons
+
     def run_shard(self, shard: Shard, attempt: int = 0) -> ShardRecord:
         """Decode one shard and commit it; returns its commit record (what stats/NNNNN.json holds). Each input row
-        gives num_samples output rows (row-major), sample k of row r seeded by seed_id(r's id, k). A shard whose
-        input is wrong raises ShardDataError (the driver does not retry it)."""
+        gives num_samples output rows (row-major, with sample_index), followed by the kept input columns. A shard
+        whose input is wrong raises ShardDataError (the driver does not retry it)."""
         t0 = time.perf_counter()
         started = now()
         table = self.reader.read(shard, self.s.input_columns)
         read_seconds = time.perf_counter() - t0
-        values, undecodable = decode_text(table.column(self.s.messages_column or self.s.prompt_column))
-        if self.s.id_column:
-            id_col = table.column(self.s.id_column)
-            ids, bad_ids = decode_text(id_col)
-            if bad_ids:
-                i, why = next(iter(bad_ids.items()))
-                raise ShardDataError(f"input file {shard.file} row {shard.start + i}: id column "
-                                     f"{self.s.id_column!r} is {why}; fix the input")
-            id_type = id_col.type
-        else:
-            ids, id_type = [f"{shard.relpath}:{shard.start + i}" for i in range(len(values))], pa.string()
-
-        n, ns = len(values), self.s.num_samples
-        texts: list[str | None] = [None] * n
-        errors: list[str | None] = [None] * n
-        todo = []  # (prompt length, row, sample, ids)
-        for i, v in enumerate(values):
-            if i in undecodable:
-                errors[i] = f"prompt is {undecodable[i]} ({shard.relpath} row {shard.start + i})"
-                continue
-            text, enc, errors[i] = self._encode(v)
-            texts[i] = text if text is not None or not isinstance(v, str) else v  # a bad prompt as it came
-            if enc is not None:
-                todo += [(len(enc), i, k, enc) for k in range(ns)]
-        todo.sort(key=lambda t: t[:3])  # rows join in length order: similar lengths are in flight together
+        ids, id_type = self._ids(table, shard)
+        texts, encoded, errors = self._prompts(table, shard)
         bad = [reason_kind(e) for e in errors if e is not None]
-
-        counters = ShardStats(shards=1, rows=n, error_rows=len(bad), read_seconds=read_seconds,
+        counters = ShardStats(shards=1, rows=table.num_rows, error_rows=len(bad), read_seconds=read_seconds,
                               error_reasons={k: bad.count(k) for k in set(bad)})
-        completion_ids: list[list[int] | None] = [None] * (n * ns)  # output row i * ns + k
-        nfe = [0] * (n * ns)
-        reasons = ["error"] * (n * ns)
-        t_dec = time.perf_counter()
-        if todo:  # the whole shard in one call: a finished row's slot goes to the next prompt at once
-            out = fastdllm.generate(self.model, [e for *_, e in todo], self.cfg,
-                                    row_ids=[seed_id(ids[i], k) for _, i, k, _ in todo],
-                                    max_batch_size=self.s.batch_size)
-            for (_, i, k, _), toks, steps, why in zip(todo, out.tokens, out.nfe, out.finish_reasons):
-                completion_ids[i * ns + k], nfe[i * ns + k], reasons[i * ns + k] = toks, steps, why
-            counters.forward_passes += out.stats["forward_passes"]
-            counters.row_forwards += out.stats["row_forwards"]
-        counters.decode_seconds = time.perf_counter() - t_dec
-        self._inject_fault(shard, attempt)
+        completion_ids, nfe, reasons = self._decode(encoded, ids, counters, shard, attempt)
 
-        n_tokens = [len(t) if t is not None else 0 for t in completion_ids]
-        counters.generated_tokens = sum(n_tokens)
-        counters.nfe = sum(nfe)
-        rows = [i for i in range(n) for _ in range(ns)]  # the input row of each output row
+        ns = self.s.num_samples
+        rows = [i for i in range(table.num_rows) for _ in range(ns)]  # the input row of each output row
         schema = pa.schema([pa.field("id", id_type)] + OUTPUT_SCHEMA_TAIL)
-        out_table = pa.table([[ids[i] for i in rows], [k for _ in range(n) for k in range(ns)],
-                              [texts[i] for i in rows], [self.tok.decode(t) if t is not None else None
-                                                         for t in completion_ids],
-                              completion_ids, n_tokens, nfe, reasons, [errors[i] for i in rows]], schema=schema)
-        if self.s.keep_columns:
-            kept = table.select(list(self.s.keep_columns)).take(pa.array(rows, pa.int64()))
-            for name, col in zip(kept.column_names, kept.columns):
-                out_table = out_table.append_column(name, col)
+        out_table = pa.table([[ids[i] for i in rows], [k for _ in range(table.num_rows) for k in range(ns)],
+                              [texts[i] for i in rows],
+                              [self.tok.decode(t) if t is not None else None for t in completion_ids],
+                              completion_ids, [len(t) if t is not None else 0 for t in completion_ids], nfe, reasons,
+                              [errors[i] for i in rows]], schema=schema)
+        kept = table.select(list(self.s.keep_columns)).take(pa.array(rows, pa.int64()))
+        for name, column in zip(kept.column_names, kept.columns):
+            out_table = out_table.append_column(name, column)
         t_write = time.perf_counter()
         data = encode_rows(out_table, self.s.output_format)
 
