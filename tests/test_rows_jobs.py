@@ -88,6 +88,8 @@ def test_synthetic_manifest_messages_kept_columns_samples(tmp_path, ray_address)
         assert g["prompt"] == s["messages"][0]["content"] and g["finish_reason"] in ("stop", "length")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["totals"]["rows"] == 6 and summary["too_many_errors"] is None
+    r = CliRunner().invoke(main, ["status", str(tmp_path / "out")])  # verifies every JSONL shard's checksum
+    assert r.exit_code == 0 and "4/4 shards committed, 0 pending, 0 failed, 0 damaged" in r.output, r.output
 
 
 def test_error_rate_above_the_limit_exits_1(tmp_path, ray_address):
