@@ -215,6 +215,17 @@ def _one_line(err: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
+def _yaml_value(text: str):
+    """A --set value as YAML (numbers, booleans, lists), or the text itself when it is not YAML on its own (a
+    Jinja template such as "{% for m in messages %}...")."""
+    if not text.strip():
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def apply_overrides(raw: dict, overrides) -> dict:
     """Set `key.path=value` items (value parsed as YAML: numbers, booleans, lists) into a copy of `raw`."""
     raw = dict(raw)
@@ -229,7 +240,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
             child = dict(child) if isinstance(child, dict) else {}
             node[p] = child
             node = child
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+        node[parts[-1]] = _yaml_value(value)
         refuse_inline_secret("--set", key.strip(), node[parts[-1]])
     return raw
 
