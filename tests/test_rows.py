@@ -154,6 +154,8 @@ def test_exit2_column_types_clashes_and_settings(tmp_path):
     assert "system_prompt" in exit2(tmp_path, manifest(tmp_path, model={"system_prompt": "Be brief."}))
     out = exit2(tmp_path, manifest(tmp_path, model={"chat_template": "{% for m in messages %}"}))
     assert "model.chat_template: the template is not valid Jinja" in out
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # not YAML on its own: --set keeps the text
+    assert parse_manifest(manifest(tmp_path), [f"model.chat_template={template}"]).model.chat_template == template
     out = exit2(tmp_path, manifest(tmp_path, decode={**DECODE, "num_samples": 4}))
     assert "num_samples 4 would give identical samples" in out and "temperature" in out
     (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({**r, "completion": "x"}) + "\n" for r in rows()))
