@@ -4,13 +4,15 @@ Hugging Face datasets (a `save_to_disk` directory, or a hub dataset already in t
 Planning and reading share this module so that both see the same rows in the same order: a shard is rows
 [start, stop) of one planned source, and `<relpath>:<row>` is a stable derived row id.
 
-How each format is counted and pinned (the `digest` the plan records and the worker checks):
-- Parquet: rows from the footer; digest = sha256 of the footer (the file is read by row groups).
-- JSONL / CSV: the whole file is read and parsed once at planning (there is no footer to count rows from);
-  digest = sha256 of its (decompressed) bytes. A worker reads the whole file again, refuses bytes with another
-  digest, and keeps the last parsed file, so consecutive shards of one file are parsed once per worker.
-- Hugging Face dataset: rows = len(dataset); digest = the dataset's own fingerprint (datasets' `_fingerprint`,
-  stored in state.json by save_to_disk and in the cache's arrow files' metadata).
+How each format is counted and pinned (what the plan records in each Shard and the worker checks before reading;
+a mismatch is a ShardDataError, which the driver does not retry):
+- Parquet: rows from the footer; pinned by file size, row count and the sha256 of the footer (file_size,
+  file_rows, footer_sha256); the worker reads only the row groups it needs.
+- JSONL / CSV: the whole file is read and parsed at planning (there is no footer to count rows from); pinned by
+  size and the sha256 of its (decompressed) bytes (file_size, digest). A worker reads the whole file again and
+  keeps the last one it parsed, so the consecutive shards it gets from one file are parsed once.
+- Hugging Face dataset: rows = len(dataset); pinned by the dataset's own fingerprint (datasets' `_fingerprint`,
+  kept in state.json by save_to_disk and in the cache's metadata) as `digest`.
 """
 
 from __future__ import annotations
