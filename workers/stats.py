@@ -21,7 +21,7 @@ class ShardStats:
     row_forwards: int = 0  # rows summed over every forward: nfe / row_forwards is the occupancy
     read_seconds: float = 0.0  # reading the shard's rows
     decode_seconds: float = 0.0  # fastdllm.generate calls
-    write_seconds: float = 0.0  # writing the shard's Parquet file
+    write_seconds: float = 0.0  # writing the shard's data file
     wall_seconds: float = 0.0  # reading the shard -> committing it
     error_reasons: dict[str, int] = field(default_factory=dict)  # error rows by reason (numbers blanked)
 
