@@ -104,7 +104,8 @@ def test_a_shard_records_row_forwards_and_occupancy(tmp_path):
 
     prompts = [f"{i}+{i * 3}=" for i in range(6)] + ["sort:9182=", "sort:5531200="]
     pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string())}), tmp_path / "p.parquet")
-    decode = dict(gen_length=16, block_length=8, steps=16, cache="dual", rule="threshold", threshold=0.9)
+    decode = DecodeConfig(gen_length=16, block_length=8, steps=16, cache="dual", rule="threshold",
+                          threshold=0.9)
     w = ShardWorker(WorkerSettings(model_source="tiny", decode=decode, output_uri=str(tmp_path / "out"),
                                    batch_size=3))
     record = w.run_shard(Shard(index=0, file=str(tmp_path / "p.parquet"), relpath="p.parquet", start=0, stop=8))
