@@ -100,8 +100,11 @@ def resolve_source(uri: str, fmt: str, config: str | None, split: str | None, st
     the format of the files' extensions (all files must agree)."""
     if fmt == "auto":
         fs, path = _fs(uri, storage_options)
-        if not any(c in path for c in GLOB_CHARS) and _is_hf_dir(fs, path):
-            fmt = "hf"
+        try:
+            if not any(c in path for c in GLOB_CHARS) and _is_hf_dir(fs, path):
+                fmt = "hf"
+        except Exception as e:  # permissions, unreachable endpoint, missing bucket or credentials, bad options
+            raise InputError(f"cannot list input.uri {uri}: {storage_error(e)}") from None
     if fmt == "hf":
         return InputSource(uri, "hf", config, split)
     if config or split:
@@ -110,10 +113,8 @@ def resolve_source(uri: str, fmt: str, config: str | None, split: str | None, st
 
 
 def _is_hf_dir(fs, path: str) -> bool:
-    try:
-        return fs.isdir(path) and any(fs.isfile(f"{path.rstrip('/')}/{m}") for m in HF_MARKERS)
-    except OSError:
-        return False
+    """Whether `path` is a directory written by save_to_disk (storage errors propagate)."""
+    return fs.isdir(path) and any(fs.isfile(f"{path.rstrip('/')}/{m}") for m in HF_MARKERS)
 
 
 def list_files(source: InputSource, storage_options: dict | None) -> tuple[str, list[tuple[str, str]]]:
