@@ -241,13 +241,15 @@ def apply_overrides(raw: dict, overrides) -> dict:
             node[p] = child
             node = child
         node[parts[-1]] = _yaml_value(value)
-        refuse_inline_secret("--set", key.strip(), node[parts[-1]])
+        if parts[0] == "storage_options":  # where secrets go, as ${VAR} references; a prompt or template is text
+            refuse_inline_secret("--set", key.strip(), node[parts[-1]])
     return raw
 
 
 def refuse_inline_secret(flag: str, key: str, value) -> None:
-    """A secret given on the command line shows in shell history, process lists and the Ray jobs API (the
-    entrypoint): refuse it (InvalidJob) and point to an environment reference instead."""
+    """A storage option's secret given on the command line shows in shell history, process lists and the Ray jobs
+    API (the entrypoint): refuse it (InvalidJob) and point to an environment reference instead (storage_options
+    expand `${VAR}`). Only storage options are checked: a system prompt saying "basic" or "token" is no secret."""
     from workers.storage import redact
 
     _, hidden = redact({key.rsplit(".", 1)[-1]: value}, path=key.rsplit(".", 1)[0] if "." in key else "")

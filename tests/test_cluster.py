@@ -180,6 +180,16 @@ def test_secrets_on_the_command_line_are_refused(tmp_path, monkeypatch):
     assert_one_line_exit_2(r, "-o secret: a secret on the command line")
 
 
+def test_prompt_text_on_the_command_line_is_not_taken_for_a_secret():
+    """Only storage options hold secrets: a system prompt or template that says 'basic' or 'token' is text."""
+    from jobs.manifest import apply_overrides
+
+    raw = apply_overrides({}, ["model.system_prompt=Explain in basic terms, password=none", "model.chat_template="
+                               "{{ bos_token }}{% for m in messages %}Token {{ m.content }}{% endfor %}"])
+    assert raw["model"]["system_prompt"] == "Explain in basic terms, password=none"
+    assert raw["model"]["chat_template"].startswith("{{ bos_token }}")
+
+
 # -- joined clusters -------------------------------------------------------------------------------------------------
 
 
