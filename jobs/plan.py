@@ -46,6 +46,11 @@ class Plan:
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
+    @property
+    def shard_rows(self) -> dict[int, int]:
+        """{shard: rows}, what JobOutput.scan checks commit markers against."""
+        return {s.index: s.rows for s in self.shards}
+
     def to_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "rows": self.rows, "format": self.source.format,
                 "keep_columns": self.keep_columns, "files": [vars(f) for f in self.files],

@@ -167,7 +167,7 @@ def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], repor
     """Verify every planned shard in the output (never trusting what workers said; `verified`: records this run
     already checked, whose data files are then checked by size) and say why each one that is not there is
     missing."""
-    scan = out.scan({s.index: s.rows for s in plan.shards}, known=verified)
+    scan = out.scan(plan.shard_rows, known=verified)
     missing = []
     for s in plan.shards:
         if s.index in scan.committed:
@@ -200,7 +200,7 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
     lease = take_lease(out, m)
     try:
         prepare_output(out, m, plan, force)
-        done = out.scan({s.index: s.rows for s in plan.shards}).committed
+        done = out.scan(plan.shard_rows).committed
         pending = [s for s in plan.shards if s.index not in done]
         log.info("job %s: %d shards (%d rows) in %d files; %d committed, %d to run -> %s", m.name,
                  len(plan.shards), plan.rows, len(plan.files), len(done), len(pending), m.output.uri)
