@@ -26,12 +26,17 @@ class Tokenizer:
         return self.hf.apply_chat_template(list(messages), chat_template=template, add_generation_prompt=True,
                                            tokenize=False)
 
+    def prompt_text(self, text: str, chat_template: bool | str = False, system_prompt: str | None = None) -> str:
+        """The text the model gets for a plain prompt: `text` as it is, or with a chat template (True: the
+        checkpoint's, or a Jinja string) a single user turn (after a system turn holding `system_prompt`, if given)
+        with the generation prompt appended."""
+        if chat_template is False:
+            return text
+        return self.render([{"role": "user", "content": text}], chat_template, system_prompt)
+
     def encode(self, text: str, chat_template: bool | str = False, system_prompt: str | None = None) -> list[int]:
-        """Token ids of `text`; with a chat template (True: the checkpoint's, or a Jinja string), as a single user
-        turn (after a system turn holding `system_prompt`, if given) with the generation prompt appended."""
-        if chat_template is not False:
-            text = self.render([{"role": "user", "content": text}], chat_template, system_prompt)
-        return self.encode_text(text)
+        """Token ids of `text` as the model gets it (see prompt_text)."""
+        return self.encode_text(self.prompt_text(text, chat_template, system_prompt))
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of text as it is (a rendered template carries its own special tokens: none are added)."""

@@ -196,11 +196,8 @@ class ShardWorker:
             return None, f"prompt is a {type(value).__name__}, not a string"
         if not value.strip():
             return None, "prompt is empty"
-        if self.s.chat_template is False:
-            return value, None
         try:
-            return self.tok.render([{"role": "user", "content": value}], self.s.chat_template,
-                                   self.s.system_prompt), None
+            return self.tok.prompt_text(value, self.s.chat_template, self.s.system_prompt), None
         except Exception as e:
             return None, f"prompt could not be rendered by the chat template: {type(e).__name__}: {e}"
 
