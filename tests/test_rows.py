@@ -106,6 +106,21 @@ def test_text_files_are_pinned_by_content(tmp_path, fmt):
         InputReader(plan.source).read(s, ["prompt"])
 
 
+def test_text_shard_storage_errors_are_retried_and_a_deleted_file_is_a_data_error(tmp_path):
+    """Like Parquet, a JSONL file the store cannot serve right now is no data error (the driver retries the
+    shard); a file that is gone is one."""
+    path = write(tmp_path / "in" / "a.jsonl", rows(), "jsonl")
+    plan = make_plan(parse_manifest(manifest(tmp_path)))
+    os.remove(path)
+    os.mkdir(path)  # the store answers with an OSError that is not "no such file"
+    with pytest.raises(OSError) as e:
+        InputReader(plan.source).read(plan.shards[0], ["prompt"])
+    assert not isinstance(e.value, ShardDataError)
+    os.rmdir(path)
+    with pytest.raises(ShardDataError, match=r"changed since the job was planned \(it no longer exists\)"):
+        InputReader(plan.source).read(plan.shards[0], ["prompt"])
+
+
 def test_compressed_jsonl_is_read_through(tmp_path):
     import gzip
 

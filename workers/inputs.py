@@ -241,11 +241,19 @@ def read_shard_rows(shard, columns: list[str], storage_options: dict | None = No
 
 # -- JSON Lines and CSV ----------------------------------------------------------------------------------------
 
-def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
+def _fetch(uri: str, storage_options: dict | None) -> bytes:
+    """A file's (decompressed) bytes; storage errors propagate as they are."""
     fs, path = _fs(uri, storage_options)
+    with fs.open(path, "rb", compression="infer") as f:
+        return f.read()
+
+
+def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
+    """`_fetch` for planning: any storage error is an InputError naming the file."""
     try:
-        with fs.open(path, "rb", compression="infer") as f:
-            return f.read()
+        return _fetch(uri, storage_options)
+    except InputError:
+        raise
     except Exception as e:  # storage errors of any fsspec backend
         raise InputError(f"input file {uri} is unreadable: {storage_error(e)}") from None
 
@@ -349,10 +357,11 @@ class InputReader:
 
     def read(self, shard, columns: list[str]) -> pa.Table:
         """The rows of a planned shard (workers.Shard), `columns` of them; input that is no longer what the plan
-        saw raises ShardDataError (the shard fails as a data error, not retried)."""
+        saw (or is gone) raises ShardDataError (the shard fails as a data error, not retried); other storage
+        errors propagate, so the driver retries the shard."""
         try:
             return self._read(shard, columns)
-        except InputError as e:  # the planned file is gone or no longer parses
+        except InputError as e:  # the planned file no longer parses, the HF dataset is gone
             raise ShardDataError(str(e)) from None
 
     def _read(self, shard, columns: list[str]) -> pa.Table:
@@ -367,7 +376,10 @@ class InputReader:
             return self._hf.select_columns(columns).with_format("arrow")[shard.start : shard.stop]
         key = (shard.file, shard.digest)
         if self._text is None or self._text[0] != key or shard.digest is None:
-            data = _read_bytes(shard.file, self.storage_options)
+            try:  # a storage error (a timeout...) propagates: the driver retries the shard, as for Parquet
+                data = _fetch(shard.file, self.storage_options)
+            except FileNotFoundError:
+                raise changed(shard.file, "it no longer exists") from None
             if shard.file_size is not None and len(data) != shard.file_size:
                 raise changed(shard.file, f"{shard.file_size} -> {len(data)} bytes")
             if shard.digest is not None and hashlib.sha256(data).hexdigest() != shard.digest:
