@@ -1,4 +1,5 @@
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,20 @@ def worker(tmp_path_factory):
     out = tmp_path_factory.mktemp("wout")
     return ShardWorker(WorkerSettings(model_source="tiny", output_uri=str(out), batch_size=3,
                                       decode=fastdllm.DecodeConfig(gen_length=8, block_length=4, steps=8)))
+
+
+@contextmanager
+def own_local_ray(**init_kwargs):
+    """A new local Ray of 2 CPUs for a test module (never a cluster some `ray start` left on the machine), shut down
+    afterwards; an already initialised Ray is reused and left running. Yields its GCS address."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+                 **init_kwargs)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        if started:
+            ray.shutdown()

@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from jobs import parse_manifest, run_job
 from jobs.cli import main
 from tests.test_jobs import ROOT, output_rows, spec, write_inputs
+from tests.conftest import own_local_ray
 from workers.storage import redact
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -34,15 +35,8 @@ S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray of 2 CPUs that reports metrics every half second."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-                 _system_config={"metrics_report_interval_ms": 500})
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
+    with own_local_ray(_system_config={"metrics_report_interval_ms": 500}) as address:
+        yield address
 
 
 def closed_port() -> int:

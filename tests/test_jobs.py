@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from jobs import InvalidJob, parse_manifest, run_job
 from jobs.cli import main
 from workers import JobOutput, Lease, RunStats
+from .conftest import own_local_ray
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODE = {"gen_length": 8, "block_length": 4, "steps": 8}
@@ -34,15 +35,9 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "fdl-test-key", "AWS_SECRET_ACCESS_KEY": "fdl-tes
 def ray_cluster():
     """One local Ray for the module (its own, never a cluster some `ray start` left on the machine); workers
     inherit the S3 test credentials from this process's environment."""
-    import ray
-
     os.environ.update(S3_ENV)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
+    with own_local_ray() as address:
+        yield address
 
 
 def write_inputs(directory: Path, n_files=2, rows=6, with_ids=True) -> list[int]:

@@ -15,6 +15,7 @@ from jobs import parse_manifest, run_job
 from jobs.cli import main
 
 from .test_rows import DECODE, rows, write
+from .conftest import own_local_ray
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -23,14 +24,8 @@ from make_demo_data import write_chat_data  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_address():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
+    with own_local_ray() as address:
+        yield address
 
 
 def output_rows(out: Path) -> list[dict]:
