@@ -27,16 +27,20 @@ def demo_prompts(n: int, seed: int = 0) -> list[str]:
     return [p.prompt for pair in zip(adds, sorts + [None]) for p in pair if p is not None][:n]
 
 
-def write_demo_data(out_dir, rows: int = 96, files: int = 2, seed: int = 0) -> list[Path]:
+def _parts(out_dir, rows: int, files: int, seed: int, ext: str):
+    """(path, ids, prompts) of each of `files` parts of the demo prompts, in order; creates out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = demo_prompts(rows, seed)
     per = -(-rows // files)
-    paths = []
     for k in range(files):
         chunk = prompts[k * per : (k + 1) * per]
-        ids = list(range(k * per, k * per + len(chunk)))
-        path = out / f"part-{k:03d}.parquet"
+        yield out / f"part-{k:03d}.{ext}", list(range(k * per, k * per + len(chunk))), chunk
+
+
+def write_demo_data(out_dir, rows: int = 96, files: int = 2, seed: int = 0) -> list[Path]:
+    paths = []
+    for path, ids, chunk in _parts(out_dir, rows, files, seed, "parquet"):
         pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "prompt": chunk}), path)
         paths.append(path)
     return paths
@@ -44,16 +48,10 @@ def write_demo_data(out_dir, rows: int = 96, files: int = 2, seed: int = 0) -> l
 
 def write_chat_data(out_dir, rows: int = 96, files: int = 2, seed: int = 0) -> list[Path]:
     """The demo prompts as chat rows (JSONL): id, messages (one user turn), answer, task."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = demo_prompts(rows, seed)
-    per = -(-rows // files)
     paths = []
-    for k in range(files):
-        path = out / f"part-{k:03d}.jsonl"
+    for path, ids, chunk in _parts(out_dir, rows, files, seed, "jsonl"):
         with open(path, "w") as f:
-            for i in range(k * per, min((k + 1) * per, rows)):
-                p = prompts[i]
+            for i, p in zip(ids, chunk):
                 row = {"id": i, "messages": [{"role": "user", "content": p}], "answer": answer_for(p),
                        "task": "sorting" if p.startswith("sort:") else "addition"}
                 f.write(json.dumps(row) + "\n")
