@@ -68,32 +68,3 @@ def load_tokenizer(source, revision: str | None = None, trust_remote_code: bool 
         return Tokenizer(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code))
     finally:
         hf_logging.set_verbosity(level)
-
-
-CHAR_SPECIALS = ("<|pad|>", "<|eos|>", "<|mask|>", "<|unk|>")
-# A plain chat template for character-level models: the user's text as is (the tiny tasks carry their own format).
-CHAR_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-
-
-def char_vocab() -> dict[str, int]:
-    """Specials (pad 0, eos 1, mask 2, unk 3), then the printable ASCII characters."""
-    chars = [chr(c) for c in range(32, 127)]
-    return {t: i for i, t in enumerate(list(CHAR_SPECIALS) + chars)}
-
-
-def save_char_tokenizer(directory) -> dict[str, int]:
-    """Write a character-level Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) to `directory`."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as RawTokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = char_vocab()
-    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    raw.decoder = decoders.Fuse()
-    raw.add_special_tokens(list(CHAR_SPECIALS))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<|pad|>", eos_token="<|eos|>",
-                                  mask_token="<|mask|>", unk_token="<|unk|>")
-    tok.chat_template = CHAR_CHAT_TEMPLATE
-    tok.save_pretrained(str(directory))
-    return vocab

@@ -39,25 +39,25 @@ import platform
 import random
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # appended: PYTHONPATH may pick another engine
-
-import fastdllm  # noqa: E402
-from fastdllm.models import from_config  # noqa: E402
-from fastdllm.models.common import ModelConfig  # noqa: E402
-from fastdllm.rules import RULES  # noqa: E402
-from fastdllm.tasks import problems  # noqa: E402
+import fastdllm
+from fastdllm.models import from_config
+from fastdllm.models.common import ModelConfig
+from fastdllm.rules import RULES
 
 try:
-    from fastdllm.policies import CACHE_POLICIES  # noqa: E402
+    from fastdllm.policies import CACHE_POLICIES
     CACHES = tuple(CACHE_POLICIES)
 except ImportError:  # an engine from before the policy registry (the lock-step one, benchmarked side by side)
-    from fastdllm.decoding import CACHE_MODES as CACHES  # noqa: E402
+    from fastdllm.decoding import CACHE_MODES as CACHES
+try:
+    from fastdllm.tiny_kit import problems
+except ImportError:  # an engine from before the tiny model's kit
+    from fastdllm.tasks import problems
 CONTINUOUS = "max_batch_size" in inspect.signature(fastdllm.generate).parameters
 
 

@@ -25,8 +25,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script make_demo_data; fastdllm is installed
 
 from make_demo_data import write_demo_data  # noqa: E402
 

@@ -17,11 +17,11 @@ echo "outputs in $root/runs/demo: job.json, shards/NNNNN.parquet, stats/NNNNN.js
 "$venv/bin/fastdllm" status runs/demo --shards
 "$venv/bin/python" - <<'PY'
 import pyarrow.parquet as pq
-from fastdllm.tasks import answer_for
+from fastdllm.tiny_kit import answer_for, score
 rows = pq.read_table("runs/demo/shards/00000.parquet").to_pylist()
 for r in rows[:6]:
-    mark = "ok" if r["completion"] == answer_for(r["prompt"]) else f"expected {answer_for(r['prompt'])!r}"
+    mark = "ok" if score([r["prompt"]], [r["completion"]])[0] else f"expected {answer_for(r['prompt'])!r}"
     print(f"  {r['id']}: {r['prompt']!r} -> {r['completion']!r} ({r['finish_reason']}, nfe {r['nfe']}) {mark}")
-right = sum(r["completion"] == answer_for(r["prompt"]) for r in rows)
+right = sum(score([r["prompt"] for r in rows], [r["completion"] for r in rows]))
 print(f"  shard 00000: {right}/{len(rows)} completions are the right answer")
 PY

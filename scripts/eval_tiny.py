@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Quality vs speed of the built-in tiny model: accuracy, mean NFE and tokens/s for every cache mode x rule.
 
-Accuracy is the exact match of the decoded completion with the answer on N fresh problems per task (operands
-uniform in [0, 10000); sorting inputs of 4 to 16 digits), drawn from --seed. Decoding: gen_length 32, block_length 8,
-greedy; the baseline is rule quota with steps = gen_length (one token per step). Writes a markdown table, a JSON
-file and a PNG plot of accuracy against mean NFE.
+Accuracy is the kit's score (fastdllm.tiny_kit.score: the decoded completion is exactly the answer) on N fresh
+problems of each problem set (addition: operands uniform in [0, 10000); addition-mixed: 1-4 digit operands; sorting:
+4 to 16 digits), drawn from --seed. Decoding: the kit's settings, gen_length 32, block_length 8, greedy; the
+baseline is rule quota with steps = gen_length (one token per step). Writes a markdown table, a JSON file and a PNG
+plot of accuracy against mean NFE.
 
-  PYTHONPATH=. python scripts/eval_tiny.py --n 1000 --batch-size 256 --out docs/tiny_eval
+  .venv/bin/python scripts/eval_tiny.py --n 1000 --batch-size 256 --out docs/tiny_eval
 """
 
 from __future__ import annotations
@@ -21,12 +22,8 @@ import torch
 
 import fastdllm
 from fastdllm.policies import CACHE_POLICIES
-from fastdllm.tasks import TASKS, problems
+from fastdllm.tiny_kit import BLOCK_LENGTH, GEN_LENGTH, PROBLEM_SETS, decode_config, problem_set, score
 
-GEN_LENGTH, BLOCK_LENGTH = 32, 8
-# Extra problem sets (not in the default --tasks): addition with a uniform digit count 1-4 per operand, which
-# weighs short operands far more than the uniform draw (where 90% of operands have 4 digits).
-EXTRA_SETS = {"addition-mixed": "addition"}
 RULE_SETTINGS = {  # name -> (DecodeConfig fields, label)
     "quota": (dict(rule="quota", steps=GEN_LENGTH), "quota (steps=32)"),
     "threshold": (dict(rule="threshold", threshold=0.9), "threshold 0.9"),
@@ -37,14 +34,13 @@ RULE_SETTINGS = {  # name -> (DecodeConfig fields, label)
 
 def evaluate(model, tok, cache: str, rule: str, probs_by_task, batch_size: int) -> dict:
     fields, label = RULE_SETTINGS[rule]
-    cfg = fastdllm.DecodeConfig(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH,
-                                **{"steps": GEN_LENGTH, **fields, "cache": cache})
+    cfg = decode_config(cache, **fields)
     row = dict(cache=cache, rule=rule, label=label, tasks={})
     for task, probs in probs_by_task.items():
         # one continuous-batching call per task: batch_size rows in flight
         out = fastdllm.generate(model, tok.encode_batch([p.prompt for p in probs]), cfg, max_batch_size=batch_size)
         texts = tok.decode_batch(out.tokens)
-        correct = sum(t == p.answer for t, p in zip(texts, probs))
+        correct = sum(score(probs, texts))
         nfe, n_tok, wall = sum(out.nfe), out.stats["generated_tokens"], out.stats["wall_seconds"]
         n = len(probs)
         row["tasks"][task] = dict(n=n, accuracy=correct / n, mean_nfe=nfe / n, generated_tokens=n_tok,
@@ -106,8 +102,8 @@ def parse_args(argv=None):
                     help=f"comma-separated cache modes (default: all of {', '.join(CACHE_POLICIES)})")
     ap.add_argument("--rules", default=",".join(RULE_SETTINGS),
                     help=f"comma-separated rules (default: {', '.join(RULE_SETTINGS)})")
-    ap.add_argument("--tasks", default=",".join(TASKS),
-                    help=f"comma-separated problem sets: {', '.join(TASKS + tuple(EXTRA_SETS))} (default: {', '.join(TASKS)})")
+    ap.add_argument("--tasks", default=",".join(PROBLEM_SETS),
+                    help=f"comma-separated problem sets (default: all of {', '.join(PROBLEM_SETS)})")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="runs/eval_tiny/eval",
@@ -119,7 +115,7 @@ def parse_args(argv=None):
     if args.seed < 0:
         ap.error(f"--seed must be >= 0, got {args.seed}")
     for name, known in (("caches", tuple(CACHE_POLICIES)),
-                        ("rules", tuple(RULE_SETTINGS)), ("tasks", TASKS + tuple(EXTRA_SETS))):
+                        ("rules", tuple(RULE_SETTINGS)), ("tasks", tuple(PROBLEM_SETS))):
         items = [s.strip() for s in getattr(args, name).split(",") if s.strip()]
         bad = [s for s in items if s not in known]
         if not items or bad:
@@ -136,8 +132,7 @@ def main(argv=None):
         tok = fastdllm.load_tokenizer(args.model)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    probs = {t: problems(EXTRA_SETS.get(t, t), args.n, args.seed, uniform_digits=t in EXTRA_SETS)
-             for t in args.tasks}
+    probs = {t: problem_set(t, args.n, args.seed) for t in args.tasks}
     rows = []
     t0 = time.perf_counter()
     for cache in args.caches:

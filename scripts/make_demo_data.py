@@ -8,17 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import json  # noqa: E402
-
-from fastdllm.tasks import answer_for, problems  # noqa: E402
+from fastdllm.tiny_kit import answer_for, problems
 
 
 def demo_prompts(n: int, seed: int = 0) -> list[str]:

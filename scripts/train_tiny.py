@@ -33,24 +33,11 @@ import torch.nn.functional as F
 import fastdllm
 from fastdllm.models import BUILTIN_DIR, save_checkpoint
 from fastdllm.models.common import DiffusionLM
-from fastdllm.models.llada import tiny_config
-from fastdllm.tasks import TASKS, problems, random_problem
-from fastdllm.tokenizer import char_vocab, save_char_tokenizer
+from fastdllm.tiny_kit import (EOS, GEN_LENGTH, MASK, PAD, PROBLEM_SETS, SHAPE, VOCAB, decode, decode_config, encode,
+                               problem_set, random_problem, save_char_tokenizer, score, tiny_config)
 
-GEN_LENGTH, BLOCK_LENGTH = 32, 8
-VOCAB = char_vocab()
-ID_TO_CHAR = {i: c for c, i in VOCAB.items()}
-PAD, EOS, MASK = VOCAB["<|pad|>"], VOCAB["<|eos|>"], VOCAB["<|mask|>"]
-SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "mlp_hidden")
+SHAPE_KEYS = tuple(SHAPE)
 RUN_LOCAL = ("resume", "init_from", "out", "state_dir", "threads", "device", "max_minutes", "steps", "explicit")
-
-
-def encode(text: str) -> list[int]:
-    return [VOCAB[c] for c in text]
-
-
-def decode(ids) -> str:
-    return "".join(ID_TO_CHAR[i] for i in ids if i > 3)
 
 
 def make_batch(step: int, args) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -107,16 +94,16 @@ def lr_at(step: int, args) -> float:
 
 
 def quick_eval(model: DiffusionLM, n: int, seed: int, cache="none", rule="quota") -> dict[str, float]:
-    """Greedy exact match on n held-out problems per task with the real decoder (baseline: quota, steps 32)."""
+    """Greedy exact match on n held-out problems of each problem set with the real decoder and the kit's scoring
+    (default: the baseline, no cache and one token per step)."""
     model.eval()
-    cfg = fastdllm.DecodeConfig(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, steps=GEN_LENGTH, cache=cache,
-                                rule=rule, threshold=0.9)
+    cfg = decode_config(cache, rule)
     res = {}
-    for task in TASKS:
-        probs = problems(task, n, seed=seed)
-        out = fastdllm.generate(model, [encode(p.prompt) for p in probs], cfg)
-        res[task] = sum(decode(t) == p.answer for t, p in zip(out.tokens, probs)) / n
-        res[f"{task}_nfe"] = sum(out.nfe) / n
+    for name in PROBLEM_SETS:
+        probs = problem_set(name, n, seed)
+        out = fastdllm.generate(model, [encode(p.prompt) for p in probs], cfg, max_batch_size=256)
+        res[name] = sum(score(probs, [decode(t) for t in out.tokens])) / n
+        res[f"{name}_nfe"] = sum(out.nfe) / n
     model.train()
     return res
 
@@ -144,10 +131,10 @@ def parse_args(argv=None):
     ap.add_argument("--sort-frac", type=float, default=0.5, help="fraction of sorting examples")
     ap.add_argument("--short-frac", type=float, default=0.3,
                     help="fraction of addition examples whose operands have a uniform digit count (more short numbers)")
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--n-layers", type=int, default=4)
-    ap.add_argument("--n-heads", type=int, default=4)
-    ap.add_argument("--mlp-hidden", type=int, default=384)
+    ap.add_argument("--d-model", type=int, default=SHAPE["d_model"])
+    ap.add_argument("--n-layers", type=int, default=SHAPE["n_layers"])
+    ap.add_argument("--n-heads", type=int, default=SHAPE["n_heads"])
+    ap.add_argument("--mlp-hidden", type=int, default=SHAPE["mlp_hidden"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
@@ -225,8 +212,7 @@ def main(argv=None):
         if c.family != "llada" or c.vocab_size != len(VOCAB) or c.mask_token_id != MASK:
             sys.exit(f"error: --init-from {args.init_from} is not a character-level LLaDA model like tiny")
         args.d_model, args.n_layers, args.n_heads, args.mlp_hidden = c.d_model, c.n_layers, c.n_heads, c.mlp_hidden
-    cfg = tiny_config(len(VOCAB), MASK, PAD, EOS, d_model=args.d_model, n_layers=args.n_layers,
-                      n_heads=args.n_heads, n_kv_heads=args.n_heads, mlp_hidden=args.mlp_hidden)
+    cfg = tiny_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, mlp_hidden=args.mlp_hidden)
     torch.manual_seed(args.seed)
     model = DiffusionLM(cfg).init_weights(0.02, torch.Generator().manual_seed(args.seed))
     model.to(args.device).train()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastdllm
-from fastdllm.models import from_config, llada, save_checkpoint
+from fastdllm.models import from_config, save_checkpoint
+from fastdllm.tiny_kit import tiny_config
 
 from .conftest import REFERENCE, random_prompts
 
@@ -45,8 +46,8 @@ def test_saved_checkpoint_keeps_the_release_tensor_names(tmp_path, family):
 
 
 def test_weight_tying_round_trip(tmp_path):
-    cfg = llada.tiny_config(50, 2, 0, 1, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden=64,
-                            tie_embeddings=True)
+    cfg = tiny_config(vocab_size=50, mask_token_id=2, pad_token_id=0, stop_token_ids=(1,), d_model=32, n_layers=1,
+                      n_heads=2, n_kv_heads=1, mlp_hidden=64, tie_embeddings=True)
     model = from_config(cfg, seed=3)
     assert model.lm_head.weight is model.embed.weight
     save_checkpoint(model, tmp_path)

@@ -6,11 +6,13 @@ import re
 import pytest
 
 import fastdllm
-from fastdllm.tasks import ADD_LIMIT, TASKS, addition, problems, random_problem, sorting
+from fastdllm import tiny_kit
+from fastdllm.tiny_kit import (ADD_LIMIT, PROBLEM_SETS, TASKS, addition, decode_config, problem_set, problems,
+                               random_problem, score, sorting)
 
-# 8 problems per task drawn with a fixed seed (not hand-picked); the bar is what the shipped model measured on them.
+# 8 problems per set drawn with a fixed seed (not hand-picked); the bar is what the shipped model measured on them.
 N_PER_TASK, SEED = 8, 2024
-MIN_CORRECT = {"addition": 8, "sorting": 8}
+MIN_CORRECT = {"addition": 8, "addition-mixed": 4, "sorting": 8}
 
 
 def test_addition_format():
@@ -62,14 +64,13 @@ def tiny():
 
 
 @pytest.mark.parametrize("cache,rule", [("none", "quota"), ("dual", "threshold")])
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", PROBLEM_SETS)
 def test_shipped_model_solves_problems(tiny, task, cache, rule):
     model, tok = tiny
-    probs = problems(task, N_PER_TASK, seed=SEED)
-    cfg = fastdllm.DecodeConfig(gen_length=32, block_length=8, steps=32, cache=cache, rule=rule, threshold=0.9)
-    out = fastdllm.generate(model, tok.encode_batch([p.prompt for p in probs]), cfg)
+    probs = problem_set(task, N_PER_TASK, seed=SEED)
+    out = fastdllm.generate(model, tok.encode_batch([p.prompt for p in probs]), decode_config(cache, rule))
     got = tok.decode_batch(out.tokens)
-    wrong = [(p.prompt, p.answer, g) for p, g in zip(probs, got) if g != p.answer]
+    wrong = [(p.prompt, p.answer, g) for p, g, ok in zip(probs, got, score(probs, got)) if not ok]
     assert N_PER_TASK - len(wrong) >= MIN_CORRECT[task], wrong
     assert all(r == "stop" for r in out.finish_reasons)
     if rule == "threshold":  # parallel commits: well under the one-token-per-step baseline
@@ -77,8 +78,48 @@ def test_shipped_model_solves_problems(tiny, task, cache, rule):
 
 
 def test_answer_for_reads_the_task_formats():
-    from fastdllm.tasks import answer_for
+    from fastdllm.tiny_kit import answer_for
 
     assert answer_for("5071+923=") == "5994"
     assert answer_for("sort:93812=") == "12389"
     assert answer_for("hello") is None and answer_for("1+x=") is None and answer_for("sort:12") is None
+
+
+def test_score_is_exact_match_with_the_answer():
+    probs = [addition(12, 7), sorting("3121"), addition(5, 5)]
+    assert score(probs, ["19", "1123", "10 "]) == [True, True, False]
+    assert score(["12+7=", "hello", "sort:21="], ["19", "hello", "21"]) == [True, False, False]  # no answer: wrong
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        score(["1+1=", "2+2="], ["2"])
+
+
+def test_problem_sets():
+    assert set(PROBLEM_SETS) == {"addition", "addition-mixed", "sorting"}
+    assert problem_set("addition", 50, 1) == problems("addition", 50, 1)
+    mixed = problem_set("addition-mixed", 400, 1)
+    digits = [len(p.prompt[:-1].split("+")[0]) for p in mixed]
+    assert {d: digits.count(d) > 60 for d in range(1, 5)} == {1: True, 2: True, 3: True, 4: True}  # ~100 each
+    with pytest.raises(ValueError, match="not one of"):
+        problem_set("subtraction", 1, 0)
+
+
+def test_kit_codec_and_config_match_the_shipped_checkpoint(tiny):
+    """The trainer's fast codec is the saved Hugging Face tokenizer, and the kit's config is the shipped shape."""
+    model, tok = tiny
+    for text in ("5071+923=", "sort:0918273645=", "12+7=", "hello, world!"):
+        assert tiny_kit.encode(text) == tok.encode(text)
+        assert tiny_kit.decode(tiny_kit.encode(text) + [tiny_kit.EOS, tiny_kit.PAD]) == text
+    assert tiny_kit.decode([tiny_kit.MASK, tiny_kit.encode("7")[0], tiny_kit.EOS]) == tok.decode(
+        [tiny_kit.MASK, tiny_kit.encode("7")[0], tiny_kit.EOS]) == "7"
+    c, shipped = tiny_kit.tiny_config(), model.config
+    for field in ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden",
+                  "mask_token_id", "pad_token_id"):
+        assert getattr(c, field) == getattr(shipped, field), field
+    assert tiny_kit.EOS in shipped.stop_token_ids
+
+
+def test_saved_char_tokenizer_round_trips(tmp_path):
+    vocab = tiny_kit.save_char_tokenizer(tmp_path)
+    tok = fastdllm.load_tokenizer(tmp_path)
+    assert vocab == tiny_kit.VOCAB and tok.encode("sort:93=") == tiny_kit.encode("sort:93=")
+    assert tok.hf.mask_token_id == tiny_kit.MASK and tok.hf.eos_token_id == tiny_kit.EOS

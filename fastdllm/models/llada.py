@@ -87,14 +87,3 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     )
     d.setdefault("eos_token_id", cfg.stop_token_ids[0] if cfg.stop_token_ids else None)
     return d
-
-
-
-def tiny_config(vocab_size: int, mask_token_id: int, pad_token_id: int, eos_token_id: int, **overrides) -> ModelConfig:
-    """The built-in `tiny` shape: a CPU-sized LLaDA for the character-level tasks (and tests)."""
-    kw = dict(family=MODEL_TYPE, vocab_size=vocab_size, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4,
-              mlp_hidden=384, rope_theta=10000.0, norm_eps=1e-5, qkv_bias=False, tie_embeddings=False,
-              mask_token_id=mask_token_id, max_seq_len=512, pad_token_id=pad_token_id,
-              stop_token_ids=(eos_token_id,))
-    kw.update(overrides)
-    return ModelConfig(**kw)
