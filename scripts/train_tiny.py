@@ -108,6 +108,47 @@ def quick_eval(model: DiffusionLM, n: int, seed: int, cache="none", rule="quota"
     return res
 
 
+def load_init(source: str) -> DiffusionLM:
+    """The float32 weights to start from: a training state (.pt file written by this script) or a saved model."""
+    if Path(source).is_file():
+        state = torch.load(source, map_location="cpu", weights_only=False)
+        a = state["args"]
+        model = DiffusionLM(tiny_config(d_model=a["d_model"], n_layers=a["n_layers"], n_heads=a["n_heads"],
+                                        mlp_hidden=a["mlp_hidden"]))
+        model.load_state_dict(state["model"])
+        return model
+    try:
+        return fastdllm.load_model(source, dtype="float32")
+    except ValueError as e:
+        sys.exit(f"error: --init-from: {e}")
+
+
+def grow(model: DiffusionLM, extra: int) -> DiffusionLM:
+    """`model` with `extra` more layers, spread evenly between its own (new layer i goes after old layer
+    ceil((i + 1) * n / extra) - 1). A new layer is a fresh one with zero attention-output and MLP-down weights: its
+    residual branches add nothing, so the grown model computes what `model` did until training moves them."""
+    old = model.config
+    n = old.n_layers
+    grown = DiffusionLM(tiny_config(d_model=old.d_model, n_layers=n + extra, n_heads=old.n_heads,
+                                    mlp_hidden=old.mlp_hidden))
+    grown.init_weights(0.02, torch.Generator().manual_seed(n * 1000 + extra))
+    after = [-(-(i + 1) * n // extra) - 1 for i in range(extra)]  # the old layer each new one follows
+    order = []  # order[k]: the old layer index that grown layer k copies, or None for a new layer
+    for i in range(n):
+        order += [i] + [None] * after.count(i)
+    with torch.no_grad():
+        grown.embed.weight.copy_(model.embed.weight)
+        grown.norm.weight.copy_(model.norm.weight)
+        grown.lm_head.weight.copy_(model.lm_head.weight)
+        for k, src in enumerate(order):
+            if src is None:
+                grown.layers[k].attn.o.weight.zero_()
+                grown.layers[k].mlp.down.weight.zero_()
+            else:
+                grown.layers[k].load_state_dict(model.layers[src].state_dict())
+    return grown
+
+
 def export(model: DiffusionLM, out: Path, dtype: torch.dtype):
     """Write the model in the LLaDA checkpoint format with the char tokenizer, loadable by fastdllm.load_model."""
     copy = DiffusionLM(model.config)
@@ -143,8 +184,12 @@ def parse_args(argv=None):
     ap.add_argument("--state-dir", default="runs/train_tiny", help="training state (for --resume), logs, snapshots")
     ap.add_argument("--resume", default=None, help="a state.pt to continue from (its shape and seed are used)")
     ap.add_argument("--init-from", default=None,
-                    help="start from the weights of a saved model (e.g. tiny: the shipped one; its shape is used) "
-                         "with a fresh optimizer and schedule")
+                    help="start from the weights of a saved model (e.g. tiny: the shipped one) or of a training state "
+                         "(a state.pt), with its shape, a fresh optimizer and schedule")
+    ap.add_argument("--add-layers", type=int, default=0,
+                    help="with --init-from: grow the model by N layers spread between the loaded ones, each starting "
+                         "as the identity (zero attention-output and MLP-down weights), so training resumes from the "
+                         "loaded model's function with more depth")
     ap.add_argument("--eval-every", type=int, default=500, help="quick eval every N steps (0: only at the end)")
     ap.add_argument("--eval-n", type=int, default=100, help="held-out problems per task in the quick eval")
     ap.add_argument("--ckpt-every", type=int, default=500, help="save the training state every N steps")
@@ -173,6 +218,8 @@ def parse_args(argv=None):
         ap.error(f"--d-model ({args.d_model}) must be divisible by --n-heads ({args.n_heads})")
     if args.resume and not Path(args.resume).is_file():
         ap.error(f"--resume {args.resume}: no such file")
+    if args.add_layers < 0 or (args.add_layers and not args.init_from):
+        ap.error("--add-layers needs --init-from and must be >= 0")
     if args.resume and args.init_from:
         ap.error("--resume and --init-from exclude each other (--resume already restores the weights)")
     dev = args.device
@@ -204,14 +251,13 @@ def main(argv=None):
             sys.exit(f"error: --resume {args.resume} is already at step {start_step}; pass --steps above it")
     init = None
     if args.init_from:
-        try:
-            init = fastdllm.load_model(args.init_from, dtype="float32")
-        except ValueError as e:
-            sys.exit(f"error: --init-from: {e}")
+        init = load_init(args.init_from)
         c = init.config
         if c.family != "llada" or c.vocab_size != len(VOCAB) or c.mask_token_id != MASK:
             sys.exit(f"error: --init-from {args.init_from} is not a character-level LLaDA model like tiny")
         args.d_model, args.n_layers, args.n_heads, args.mlp_hidden = c.d_model, c.n_layers, c.n_heads, c.mlp_hidden
+        if args.add_layers:
+            init, args.n_layers = grow(init, args.add_layers), c.n_layers + args.add_layers
     cfg = tiny_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, mlp_hidden=args.mlp_hidden)
     torch.manual_seed(args.seed)
     model = DiffusionLM(cfg).init_weights(0.02, torch.Generator().manual_seed(args.seed))
