@@ -10,11 +10,12 @@ over the batch. Prompts are left-padded (with an attention mask), as decoding pa
 Training is a fixed function of --seed: the batch and the masks of step i are drawn from generators seeded with
 (seed, i), so a run resumed from a checkpoint continues exactly as an uninterrupted one would.
 
-  # the shipped model (about an hour on one shared CPU core); writes fastdllm/tiny
-  PYTHONPATH=. python scripts/train_tiny.py --steps 8600 --decay-steps 1500 --batch-size 64 --lr 2e-3 --warmup 200
-  # train longer: continue a run (its settings are restored), or start from the shipped weights (e.g. on a GPU)
-  PYTHONPATH=. python scripts/train_tiny.py --resume runs/train_tiny/state.pt --steps 20000 --decay-steps 2000
-  PYTHONPATH=. python scripts/train_tiny.py --init-from tiny --steps 20000 --batch-size 256 --lr 1e-3
+The shipped model is three stages of this script: scripts/train_tiny_recipe.sh runs their exact commands.
+
+  # continue a run exactly (its settings are restored; --steps and --decay-steps may be given again)
+  python scripts/train_tiny.py --resume runs/train_tiny/state.pt --steps 20000 --decay-steps 2000
+  # start from the shipped weights (or a state.pt) with a fresh optimizer, e.g. on a GPU; --add-layers N grows it
+  python scripts/train_tiny.py --init-from tiny --steps 20000 --batch-size 256 --lr 1e-3 --out runs/tiny_more
 """
 
 from __future__ import annotations
