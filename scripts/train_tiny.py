@@ -21,6 +21,7 @@ The shipped model is three stages of this script: scripts/train_tiny_recipe.sh r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -114,8 +115,7 @@ def load_init(source: str) -> DiffusionLM:
     if Path(source).is_file():
         state = torch.load(source, map_location="cpu", weights_only=False)
         a = state["args"]
-        model = DiffusionLM(tiny_config(d_model=a["d_model"], n_layers=a["n_layers"], n_heads=a["n_heads"],
-                                        mlp_hidden=a["mlp_hidden"]))
+        model = DiffusionLM(tiny_config(**{k: a[k] for k in SHAPE_KEYS}))
         model.load_state_dict(state["model"])
         return model
     try:
@@ -130,8 +130,7 @@ def grow(model: DiffusionLM, extra: int) -> DiffusionLM:
     residual branches add nothing, so the grown model computes what `model` did until training moves them."""
     old = model.config
     n = old.n_layers
-    grown = DiffusionLM(tiny_config(d_model=old.d_model, n_layers=n + extra, n_heads=old.n_heads,
-                                    mlp_hidden=old.mlp_hidden))
+    grown = DiffusionLM(dataclasses.replace(old, n_layers=n + extra))
     grown.init_weights(0.02, torch.Generator().manual_seed(n * 1000 + extra))
     after = [-(-(i + 1) * n // extra) - 1 for i in range(extra)]  # the old layer each new one follows
     order = []  # order[k]: the old layer index that grown layer k copies, or None for a new layer
@@ -259,7 +258,7 @@ def main(argv=None):
         args.d_model, args.n_layers, args.n_heads, args.mlp_hidden = c.d_model, c.n_layers, c.n_heads, c.mlp_hidden
         if args.add_layers:
             init, args.n_layers = grow(init, args.add_layers), c.n_layers + args.add_layers
-    cfg = tiny_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, mlp_hidden=args.mlp_hidden)
+    cfg = tiny_config(**{k: getattr(args, k) for k in SHAPE_KEYS})
     torch.manual_seed(args.seed)
     model = DiffusionLM(cfg).init_weights(0.02, torch.Generator().manual_seed(args.seed))
     model.to(args.device).train()
