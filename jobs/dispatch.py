@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from workers import MissingShard, Shard, ShardDataError, ShardRecord, ShardWorker, WorkerSettings
+from fastdllm.workers import MissingShard, Shard, ShardDataError, ShardRecord, ShardWorker, WorkerSettings
 
 from .cluster import JobInterrupted, describe_cluster, describe_need
 from .manifest import WorkersSpec
@@ -75,7 +75,7 @@ class Dispatcher:
     """Runs `shards` on `n_actors` actors loaded with `settings`; `run()` returns an Outcome.
 
     write_log(shard, attempt, text) keeps each failed attempt's traceback; `lost()` returns why the run lost the
-    output (its lease went to another run: stop dispatching) or None; metrics (jobs.metrics.JobMetrics or None)
+    output (its lease went to another run: stop dispatching) or None; metrics (fastdllm.jobs.metrics.JobMetrics or None)
     records commits, failures and actor states."""
 
     def __init__(self, name: str, w: WorkersSpec, settings: WorkerSettings, shards: list[Shard], n_actors: int, *,

@@ -11,8 +11,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 import fastdllm
-from workers.inputs import FORMATS
-from workers.shard import OUTPUT_FORMATS
+from fastdllm.workers.inputs import FORMATS
+from fastdllm.workers.shard import OUTPUT_FORMATS
 
 
 class InvalidJob(ValueError):
@@ -250,7 +250,7 @@ def refuse_inline_secret(flag: str, key: str, value) -> None:
     """A storage option's secret given on the command line shows in shell history, process lists and the Ray jobs
     API (the entrypoint): refuse it (InvalidJob) and point to an environment reference instead (storage_options
     expand `${VAR}`). Only storage options are checked: a system prompt saying "basic" or "token" is no secret."""
-    from workers.storage import redact
+    from fastdllm.workers.storage import redact
 
     _, hidden = redact({key.rsplit(".", 1)[-1]: value}, path=key.rsplit(".", 1)[0] if "." in key else "")
     if hidden:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workers import InputSource, Shard
-from workers.inputs import InputError, Inspected, inspect_hf, inspect_parquet, inspect_text, list_files
-from workers.inputs import resolve_source as resolve_input
-from workers.shard import OUTPUT_COLUMNS
+from fastdllm.workers import InputSource, Shard
+from fastdllm.workers.inputs import InputError, Inspected, inspect_hf, inspect_parquet, inspect_text, list_files
+from fastdllm.workers.inputs import resolve_source as resolve_input
+from fastdllm.workers.shard import OUTPUT_COLUMNS
 
 from .manifest import InvalidJob, Manifest
 

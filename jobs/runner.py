@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import fastdllm
-from workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard, ShardRecord,
+from fastdllm.workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard, ShardRecord,
                      ShardStats, WorkerSettings)
-from workers.output import now
-from workers.storage import redact, storage_error
+from fastdllm.workers.output import now
+from fastdllm.workers.storage import redact, storage_error
 
 from .cluster import JobInterrupted, actors_that_fit, check_reachable, connect, stop_on_signals
 from .dispatch import Dispatcher, Outcome

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers import JobOutput, MissingShard, ShardRecord, ShardStats
-from workers.output import LeaseInfo, planned_rows
-from workers.storage import storage_error
+from fastdllm.workers import JobOutput, MissingShard, ShardRecord, ShardStats
+from fastdllm.workers.output import LeaseInfo, planned_rows
+from fastdllm.workers.storage import storage_error
 
 from .manifest import InvalidJob
 from .runner import error_policy

@@ -71,9 +71,9 @@ class _Direct:
 
 def runner(data: Path, out: Path, decode: dict, args) -> dict:
     """One job on the running Ray; throughput from its stats files."""
-    from jobs import parse_manifest, run_job
-    from workers import JobOutput
-    from workers.output import planned_rows
+    from fastdllm.jobs import parse_manifest, run_job
+    from fastdllm.workers import JobOutput
+    from fastdllm.workers.output import planned_rows
 
     m = parse_manifest({"name": "bench", "model": {"source": "tiny"},
                         "input": {"uri": str(data), "id_column": "id", "rows_per_shard": args.rows_per_shard},

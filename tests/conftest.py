@@ -46,7 +46,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def worker(tmp_path_factory):
     """One ShardWorker (tiny model, batch size 3) for the tests that run shards without Ray."""
-    from workers import ShardWorker, WorkerSettings
+    from fastdllm.workers import ShardWorker, WorkerSettings
 
     out = tmp_path_factory.mktemp("wout")
     return ShardWorker(WorkerSettings(model_source="tiny", output_uri=str(out), batch_size=3,

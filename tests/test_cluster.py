@@ -23,11 +23,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from jobs import parse_manifest, run_job
-from jobs.cli import main
+from fastdllm.jobs import parse_manifest, run_job
+from fastdllm.jobs.cli import main
 from tests.test_jobs import ROOT, output_rows, spec, write_inputs
 from tests.conftest import own_local_ray
-from workers.storage import redact
+from fastdllm.workers.storage import redact
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
@@ -176,7 +176,7 @@ def test_secrets_on_the_command_line_are_refused(tmp_path, monkeypatch):
 
 def test_prompt_text_on_the_command_line_is_not_taken_for_a_secret():
     """Only storage options hold secrets: a system prompt or template that says 'basic' or 'token' is text."""
-    from jobs.manifest import apply_overrides
+    from fastdllm.jobs.manifest import apply_overrides
 
     raw = apply_overrides({}, ["model.system_prompt=Explain in basic terms, password=none", "model.chat_template="
                                "{{ bos_token }}{% for m in messages %}Token {{ m.content }}{% endfor %}"])
@@ -289,7 +289,7 @@ def test_a_model_that_cannot_load_fails_the_shards_without_using_their_attempts(
 
 def start_driver(m: Path, *args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(m), *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "fastdllm.jobs.cli", "run", str(m), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -350,9 +350,11 @@ def test_container_recipe_matches_the_kuberay_manifest_and_the_tested_ray():
 
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.MULTILINE).group(1) == ray.__version__
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    for pkg in packages["include"]:
-        assert re.search(rf"^COPY .*\b{pkg.rstrip('*')} {pkg.rstrip('*')}$", dockerfile, re.MULTILINE), pkg
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {setup["package-dir"].get(p, p.replace(".", "/")).split("/")[0] for p in setup["packages"]}
+    assert folders == {"fastdllm", "jobs", "workers"}
+    for folder in folders:  # every source folder the package installs from
+        assert re.search(rf"^COPY .*\b{folder} {folder}$", dockerfile, re.MULTILINE), folder
     rayjob = yaml.safe_load((ROOT / "manifests" / "kuberay-rayjob.yaml").read_text())
     cluster = rayjob["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__

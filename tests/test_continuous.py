@@ -98,9 +98,9 @@ def test_a_shard_records_row_forwards_and_occupancy(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.status import throughput_table
-    from workers import ShardStats
-    from workers.shard import Shard, ShardWorker, WorkerSettings
+    from fastdllm.jobs.status import throughput_table
+    from fastdllm.workers import ShardStats
+    from fastdllm.workers.shard import Shard, ShardWorker, WorkerSettings
 
     prompts = [f"{i}+{i * 3}=" for i in range(6)] + ["sort:9182=", "sort:5531200="]
     pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string())}), tmp_path / "p.parquet")

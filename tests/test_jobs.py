@@ -20,9 +20,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from jobs import InvalidJob, parse_manifest, run_job
-from jobs.cli import main
-from workers import JobOutput, Lease, RunStats
+from fastdllm.jobs import InvalidJob, parse_manifest, run_job
+from fastdllm.jobs.cli import main
+from fastdllm.workers import JobOutput, Lease, RunStats
 from .conftest import own_local_ray
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,8 +165,8 @@ def test_changed_config_or_input_refused_unless_forced(tmp_path, ray_cluster):
 
 
 def test_more_gpus_than_the_cluster_has_warns_on_a_joined_cluster(tmp_path, ray_cluster, caplog):
-    from jobs.cluster import actors_that_fit
-    from jobs.manifest import WorkersSpec
+    from fastdllm.jobs.cluster import actors_that_fit
+    from fastdllm.jobs.manifest import WorkersSpec
 
     with pytest.raises(InvalidJob, match="workers.num_gpus is 1 but the Ray cluster has 0 GPUs"):
         actors_that_fit(WorkersSpec(num_gpus=1), strict=True)
@@ -219,8 +219,8 @@ def test_shard_that_keeps_failing_is_reported_exit_1_with_relative_paths(tmp_pat
     assert "1 failed" in r.output and "shard 00002 failed" in r.output, r.output
 
     # A shard its worker reported committed but whose marker the driver cannot see is missing, never counted.
-    from jobs.plan import make_plan
-    from jobs.runner import absolute_uris, summarize
+    from fastdllm.jobs.plan import make_plan
+    from fastdllm.jobs.runner import absolute_uris, summarize
 
     (out / "stats" / "00000.json").unlink()
     s = summarize(JobOutput(str(out)), make_plan(absolute_uris(parse_manifest(yaml.safe_load(m.read_text())))),
@@ -240,12 +240,32 @@ def test_workers_that_keep_dying_fail_the_remaining_shards(tmp_path, ray_cluster
     assert all("worker process died" in why and "gave up" in why for why in result.failed.values()), result.failed
 
 
+SHADOWS = {"workers.py": "raise ImportError('the user\\'s own workers.py was imported')\n",
+           "jobs.py": "raise ImportError('the user\\'s own jobs.py was imported')\n"}
+
+
+def test_user_files_named_workers_and_jobs_do_not_shadow_the_package(tmp_path, ray_cluster):
+    """fastdllm installs its job runner as fastdllm.jobs / fastdllm.workers: a `workers.py` or `jobs.py` in the
+    directory a job is started from (on the driver's and the actors' sys.path) is never imported."""
+    ids = write_inputs(tmp_path / "in", n_files=1, rows=6)
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    for name, text in SHADOWS.items():
+        (wd / name).write_text(text)
+    (wd / "job.yaml").write_text(yaml.safe_dump(spec(tmp_path)))
+    r = subprocess.run([sys.executable, "-m", "fastdllm.jobs.cli", "run", "job.yaml", "--address", ray_cluster],
+                       cwd=wd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "own workers.py" not in r.stderr and "own jobs.py" not in r.stderr
+    assert sorted(x["id"] for x in output_rows(tmp_path / "out")) == ids
+
+
 def test_killed_driver_then_rerun_gives_every_row_once(tmp_path, ray_cluster):
     ids = write_inputs(tmp_path / "in", n_files=2, rows=12)
     m = tmp_path / "job.yaml"
     m.write_text(yaml.safe_dump(spec(tmp_path, decode={"gen_length": 16, "block_length": 4, "steps": 16})))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(m), "--address", ray_cluster],
+    proc = subprocess.Popen([sys.executable, "-m", "fastdllm.jobs.cli", "run", str(m), "--address", ray_cluster],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     stats, lease = tmp_path / "out" / "stats", tmp_path / "out" / "lease.json"
     deadline = time.time() + 120

@@ -11,12 +11,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.manifest import InvalidJob, parse_manifest
-from jobs.plan import make_plan
-from workers import Shard, ShardStats
-from workers.inputs import read_shard_rows
-from workers.storage import expand_env, redact
+from fastdllm.jobs.cli import main
+from fastdllm.jobs.manifest import InvalidJob, parse_manifest
+from fastdllm.jobs.plan import make_plan
+from fastdllm.workers import Shard, ShardStats
+from fastdllm.workers.inputs import read_shard_rows
+from fastdllm.workers.storage import expand_env, redact
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODE = {"gen_length": 8, "block_length": 4, "steps": 8}

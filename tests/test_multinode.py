@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import parse_manifest, run_job
-from tests.test_jobs import output_rows, spec, write_inputs
+from fastdllm.jobs import parse_manifest, run_job
+from tests.test_jobs import SHADOWS, output_rows, spec, write_inputs
 
 pytestmark = pytest.mark.slow
 VENV_BIN = Path(sys.executable).parent
@@ -139,6 +139,8 @@ def test_ray_job_submit_runs_a_shipped_manifest(tmp_path):
         m = spec(tmp_path, input={"uri": "in/*.parquet"}, output={"uri": str(tmp_path / "out")},
                  workers={"count": 2})
         (wd / "job.yaml").write_text(yaml.safe_dump(m))
+        for name, text in SHADOWS.items():  # the user's own modules in the working_dir shadow nothing
+            (wd / name).write_text(text)
         for _ in range(30):  # the head's job agent may take a moment after `ray start` returns
             r = subprocess.run([VENV_BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                                 "--working-dir", str(wd), "--", "fastdllm", "run", "job.yaml"],

@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
-from workers import JobOutput, JobSummary, Lease, LeaseHeld, RunStats, Shard, ShardDataError, ShardRecord, ShardStats
-from workers.output import LEASE, DataFile, MissingShard
-from workers.inputs import read_shard_rows
-from workers.shard import decode_text
-from workers.storage import parquet_footer
+from fastdllm.workers import JobOutput, JobSummary, Lease, LeaseHeld, RunStats, Shard, ShardDataError, ShardRecord, ShardStats
+from fastdllm.workers.output import LEASE, DataFile, MissingShard
+from fastdllm.workers.inputs import read_shard_rows
+from fastdllm.workers.shard import decode_text
+from fastdllm.workers.storage import parquet_footer
 
 
 class _FullFile(LocalFileOpener):

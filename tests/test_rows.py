@@ -17,12 +17,12 @@ import yaml
 from click.testing import CliRunner
 
 import fastdllm
-from jobs.cli import main
-from jobs.manifest import InvalidJob, parse_manifest
-from jobs.plan import make_plan
-from jobs.runner import error_policy
-from workers import InputReader, Shard, ShardDataError, ShardStats, WorkerSettings, seed_id
-from workers.inputs import InputSource
+from fastdllm.jobs.cli import main
+from fastdllm.jobs.manifest import InvalidJob, parse_manifest
+from fastdllm.jobs.plan import make_plan
+from fastdllm.jobs.runner import error_policy
+from fastdllm.workers import InputReader, Shard, ShardDataError, ShardStats, WorkerSettings, seed_id
+from fastdllm.workers.inputs import InputSource
 
 DECODE = {"gen_length": 8, "block_length": 4, "steps": 8}
 SAMPLED = {**DECODE, "temperature": 1.0, "seed": 3}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs import parse_manifest, run_job
-from jobs.cli import main
+from fastdllm.jobs import parse_manifest, run_job
+from fastdllm.jobs.cli import main
 
 from .test_rows import DECODE, rows, write
 from .conftest import own_local_ray
