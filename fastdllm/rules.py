@@ -2,14 +2,20 @@
 
 Each rule is a pure tensor function over a batch, vectorised with one sort and cumulative sums per row:
 no Python loop over rows, no host synchronisation. Inputs are the candidates' confidences (B, L) in float64 with
-non-candidates at -inf; the output is the boolean commit mask (B, L).
+non-candidates at -inf; the output is the boolean commit mask (B, L). A rule parameter is one number for every
+row or a (B,) tensor of per-row values (requests with their own thresholds share a step).
 """
 
 from __future__ import annotations
 
 import torch
 
-RULES = ("quota", "threshold", "factor", "frechet")
+from .config import RULES
+
+
+def _per_row(v, like: torch.Tensor):
+    """A rule parameter as a column (B, 1) when it is per row, else as it is."""
+    return v[:, None].to(like.dtype) if isinstance(v, torch.Tensor) else v
 
 
 def quota_schedule(masked: int, steps: int) -> list[int]:
@@ -20,10 +26,12 @@ def quota_schedule(masked: int, steps: int) -> list[int]:
 
 
 def commit_counts(sorted_conf: torch.Tensor, n_cand: torch.Tensor, rule: str, *, quota: int | torch.Tensor = 1,
-                  threshold: float = 0.9, factor: float = 1.0, frechet_margin: float = 0.25) -> torch.Tensor:
+                  threshold=0.9, factor=1.0, frechet_margin=0.25) -> torch.Tensor:
     """How many of the most confident candidates each row commits (B,), from confidences sorted descending.
-    `quota` is one count for every row or a (B,) tensor of per-row counts (rows at different steps of their blocks)."""
+    `quota` is one count for every row or a (B,) tensor of per-row counts (rows at different steps of their blocks);
+    threshold, factor and frechet_margin likewise."""
     B, L = sorted_conf.shape
+    threshold, factor, frechet_margin = (_per_row(v, sorted_conf) for v in (threshold, factor, frechet_margin))
     n = torch.arange(1, L + 1, device=sorted_conf.device)  # candidate count n for each sorted slot
     valid = n[None, :] <= n_cand[:, None]  # (B, L)
     if rule == "quota":

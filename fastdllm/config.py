@@ -1,0 +1,111 @@
+"""Decoding settings: `DecodeConfig`, the defaults an engine gives every request (docs/DESIGN.md, "Decoding").
+
+This module imports nothing else from fastdllm, so the decoding loop, the cache policies and the rules can all
+import it. The names of the cache modes and rules are listed here; their registries (`fastdllm.policies`,
+`fastdllm.rules`) are checked against these lists at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+CACHE_MODES = ("none", "prefix", "dual", "dllm")
+RULES = ("quota", "threshold", "factor", "frechet")
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass(kw_only=True)
+class DecodeConfig:
+    """Decoding settings (docs/DESIGN.md, "Decoding semantics"). Invalid values raise ValueError."""
+
+    gen_length: int = 256
+    block_length: int = 32
+    steps: int = 256  # total steps for the quota rule; steps / num_blocks per block
+    steps_per_block: int | None = None  # the quota rule's steps per block; None: steps // num_blocks
+    cache: str = "dual"  # a name in fastdllm.policies.CACHE_POLICIES: none | prefix | dual | dllm
+    rule: str = "threshold"  # quota | threshold | factor | frechet
+    threshold: float = 0.9
+    factor: float = 1.0
+    frechet_margin: float = 0.25
+    temperature: float = 0.0
+    remasking: str = "low_confidence"  # or "random"
+    stop_at_eos: bool = True
+    stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's stop ids
+    seed: int = 0
+    # dLLM-Cache (cache="dllm"): refresh intervals in steps for the prompt (K_p) and the response (K_r), and the
+    # share of response positions recomputed per layer on the other steps (rho). Defaults: the paper's LLaDA setting.
+    prompt_interval: int = 50
+    response_interval: int = 7
+    adaptive_ratio: float = 0.25
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(msg)
+
+        for name in ("gen_length", "block_length", "steps", "seed", "prompt_interval", "response_interval"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(f"{name} must be an integer, got {v!r}")
+        spb = self.steps_per_block
+        if spb is not None and (isinstance(spb, bool) or not isinstance(spb, int) or spb < 1):
+            bad(f"steps_per_block must be a positive integer or None, got {spb!r}")
+        if self.gen_length < 1 or self.block_length < 1:
+            bad(f"gen_length ({self.gen_length}) and block_length ({self.block_length}) must be positive")
+        if self.gen_length % self.block_length:
+            bad(f"block_length ({self.block_length}) must divide gen_length ({self.gen_length})")
+        if self.cache not in CACHE_MODES:
+            bad(f"cache {self.cache!r} is not one of: {', '.join(CACHE_MODES)}")
+        if self.rule not in RULES:
+            bad(f"rule {self.rule!r} is not one of: {', '.join(RULES)}")
+        if self.remasking not in REMASKING:
+            bad(f"remasking {self.remasking!r} is not one of: {', '.join(REMASKING)}")
+        if self.steps < 1:
+            bad(f"steps must be at least 1, got {self.steps}")
+        if self.rule == "quota" and spb is None and self.steps % self.num_blocks:
+            bad(f"steps ({self.steps}) must be a multiple of the number of blocks "
+                f"({self.num_blocks} = gen_length / block_length) for rule 'quota'")
+        if not 0.0 < self.threshold <= 1.0:
+            bad(f"threshold must be in (0, 1], got {self.threshold}")
+        if not (self.factor > 0 and math.isfinite(self.factor)):
+            bad(f"factor must be a positive number, got {self.factor}")
+        if not (self.frechet_margin >= 0 and math.isfinite(self.frechet_margin)):
+            bad(f"frechet_margin must be a non-negative number, got {self.frechet_margin}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            bad(f"temperature must be >= 0, got {self.temperature}")
+        if self.prompt_interval < 1 or self.response_interval < 1:
+            bad(f"prompt_interval ({self.prompt_interval}) and response_interval ({self.response_interval}) "
+                "must be at least 1 step")
+        if not 0.0 <= self.adaptive_ratio <= 1.0:
+            bad(f"adaptive_ratio must be in [0, 1], got {self.adaptive_ratio}")
+        if self.seed < 0:
+            bad(f"seed must be >= 0, got {self.seed}")
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            if isinstance(ids, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                bad(f"stop_token_ids must be a list of token ids, got {ids!r}")
+            self.stop_token_ids = tuple(ids)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def block_steps(self) -> int:
+        """The quota rule's steps per block (engine-wide: a request of another gen_length keeps it)."""
+        return self.steps_per_block or max(1, self.steps // self.num_blocks)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecodeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown decode setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["stop_token_ids"] is not None:
+            d["stop_token_ids"] = list(d["stop_token_ids"])
+        return d
