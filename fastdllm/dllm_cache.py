@@ -41,6 +41,18 @@ class FeatureCache:
         self.kp, self.kr, self.ratio = prompt_interval, response_interval, adaptive_ratio
         self.steps = [0] * B  # forwards each row took part in
 
+    def grow(self, seq_len: int):
+        """Room for `seq_len` positions: rows stay right-aligned (they and their response region end at T)."""
+        d = seq_len - self.k.shape[3]
+        for name, dim in (("k", 3), ("v", 3), ("attn", 2), ("mlp", 2)):
+            old = getattr(self, name)
+            shape = list(old.shape)
+            shape[dim] = seq_len
+            new = old.new_zeros(shape)
+            new.narrow(dim, d, old.shape[dim]).copy_(old)
+            setattr(self, name, new)
+        self.r0 += d
+
     def reset(self, slots: list[int]):
         """New rows joined in these slots: their first forward computes everything (step 0)."""
         for i in slots:

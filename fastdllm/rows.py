@@ -1,13 +1,15 @@
-"""The rows in flight of a continuous-batching decode: one object holds their sequences and per-row progress.
+"""The rows in flight of the engine: one object holds their sequences and per-row progress (host side).
 
-Rows live in the first `n` of `slots` preallocated slots (static buffers written by index). Every slot holds a
-sequence of the same length T = P + gen_length: the prompt left-padded to P (the longest prompt of the call), then
-the generated positions, all starting as the mask id. Pad keys are masked out and RoPE positions count from each
-row's first real token, so a row decodes exactly as it would alone, whatever its slot and neighbours.
+Rows live in the first `n` of `slots` preallocated slots (static buffers written by index). A row's canvas is its
+prompt followed by its gen_length generated positions, all starting as the mask id; canvases are right-aligned in
+buffers of T columns (T: the longest canvas so far, grown when a longer one joins), so every row ends at column T
+and a row's generated region is [T - gen_length, T). Pad columns before a canvas are masked out as keys and RoPE
+positions count from each row's first real token, so a row decodes exactly as it would alone, whatever its slot and
+neighbours (docs/DESIGN.md, "Rows and slots").
 
-`add` puts waiting prompts into free slots (first the slots of rows that just finished), `drop` retires finished
+`add` puts joining requests into free slots (first the slots of rows that just finished), `drop` retires finished
 rows and moves the last rows into the holes they leave, so the rows in flight stay in slots [0, n). The cache
-policies mirror both (`admit`, `move`).
+policies mirror both (`admit`, `move`) and `grow`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .models.common import positions_from_mask
 @dataclass
 class Window:
     """Columns [first, T) of some rows in flight, where every real token of those rows lies: a forward over the
-    window skips the pad columns all of them share (rows join in length order when the caller sorts them)."""
+    window skips the pad columns all of them share."""
 
     first: int
     x: torch.Tensor  # (b, T - first) tokens
@@ -31,101 +33,107 @@ class Window:
 
 
 @dataclass
-class Waiting:
-    """A prompt that has not joined yet."""
+class Live:
+    """The host-side state of a row in flight: its request and its progress."""
 
-    index: int  # its place in the input (outputs keep the input order)
-    prompt: list[int]
-    row_id: int  # seeds its noise
-    generator: torch.Generator | None = None  # made when it joins (sampled decoding only)
+    request: object  # the engine's admitted request (its settings, its id)
+    canvas: int  # prompt + gen_length
+    gen_length: int
+    n_blocks: int  # blocks it decodes (a benchmark may stop early)
+    generator: torch.Generator | None
+    block: int = 0  # the block it is decoding
+    step: int = 0  # steps taken in that block (0: its next forward is the block's refresh)
+    left: int = 0  # masked positions left in that block
+    nfe: int = 0  # forwards it took part in
+    stopped: bool = False  # a stop token was committed in its generated region
+    final: int = 0  # leading generated positions known final (all committed) — for stop strings
 
 
 class Rows:
-    """Tokens, positions and key masks of the rows in flight, their input index, block, step, NFE and generator."""
+    """Tokens, positions and key masks of the rows in flight (device buffers) and their host-side state."""
 
-    HOST = ("index", "length", "block", "step", "left", "nfe", "generators")  # the per-row lists, in slot order
-
-    def __init__(self, slots: int, prompt_len: int, gen_length: int, block_length: int, mask_id: int, pad_id: int,
-                 device):
-        T = prompt_len + gen_length
-        self.P, self.T, self.bl = prompt_len, T, block_length
-        self.mask_id, self.pad_id = mask_id, pad_id
-        self.x = torch.full((slots, T), mask_id, dtype=torch.long, device=device)  # (S, T) tokens
-        self.valid = torch.zeros((slots, T), dtype=torch.bool, device=device)  # (S, T) real (non-pad) positions
-        self.positions = torch.zeros((slots, T), dtype=torch.long, device=device)  # (S, T) RoPE positions
-        self.n = 0
-        # per live row, in slot order (host side: no device sync needed to schedule)
-        self.index: list[int] = []  # input index
-        self.length: list[int] = []  # prompt length
-        self.block: list[int] = []  # the block it is decoding
-        self.step: list[int] = []  # steps taken in that block (0: its next forward is the block's refresh)
-        self.left: list[int] = []  # masked positions left in that block
-        self.nfe: list[int] = []  # forwards it took part in
-        self.generators: list[torch.Generator | None] = []
+    def __init__(self, slots: int, seq_len: int, block_length: int, mask_id: int, pad_id: int, device):
+        self.bl, self.mask_id, self.pad_id, self.device = block_length, mask_id, pad_id, device
+        self.x = torch.full((slots, seq_len), mask_id, dtype=torch.long, device=device)  # (S, T) tokens
+        self.valid = torch.zeros((slots, seq_len), dtype=torch.bool, device=device)  # (S, T) real positions
+        self.positions = torch.zeros((slots, seq_len), dtype=torch.long, device=device)  # (S, T) RoPE positions
+        self.live: list[Live] = []  # per live row, in slot order
 
     @property
     def slots(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def T(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def n(self) -> int:
+        return len(self.live)
+
+    def gen_start(self, i: int) -> int:
+        """The first generated column of row i."""
+        return self.T - self.live[i].gen_length
+
+    def block_start(self, i: int) -> int:
+        return self.gen_start(i) + self.live[i].block * self.bl
+
     def block_starts(self) -> torch.Tensor:
-        """(n,) the first position of each row's current block."""
-        return torch.tensor([self.P + k * self.bl for k in self.block], dtype=torch.long, device=self.x.device)
+        """(n,) the first column of each row's current block."""
+        return torch.tensor([self.block_start(i) for i in range(self.n)], dtype=torch.long, device=self.device)
 
     def window(self, rows: torch.Tensor | None = None, host_rows: list[int] | None = None) -> Window:
         """The window of the live rows (or of slots `rows`, the same as `host_rows` on the host), decided from the
-        prompt lengths without a device sync."""
-        lengths = self.length if host_rows is None else [self.length[i] for i in host_rows]
-        longest = max(lengths)
-        first = self.P - longest
+        canvas lengths without a device sync."""
+        canvases = [r.canvas for r in self.live] if host_rows is None else [self.live[i].canvas for i in host_rows]
+        longest = max(canvases)
+        first = self.T - longest
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             return (t[: self.n] if rows is None else t.index_select(0, rows))[:, first:]
 
-        key_mask = None if all(n == longest for n in lengths) else pick(self.valid)[:, None, None, :]
+        key_mask = None if all(c == longest for c in canvases) else pick(self.valid)[:, None, None, :]
         return Window(first, pick(self.x), pick(self.positions), key_mask)
 
-    def add(self, waiting: list[Waiting], holes: list[int]) -> list[int]:
-        """Put waiting prompts into the slots `holes` (rows that just finished), then after the last live row;
-        returns the slots used."""
+    def grow(self, seq_len: int) -> int:
+        """Room for canvases of `seq_len` columns: every row moves right by the growth, which is returned."""
+        d = seq_len - self.T
+        if d <= 0:
+            return 0
+        S = self.slots
+        x = torch.full((S, seq_len), self.mask_id, dtype=torch.long, device=self.device)
+        valid = torch.zeros((S, seq_len), dtype=torch.bool, device=self.device)
+        positions = torch.zeros((S, seq_len), dtype=torch.long, device=self.device)
+        x[:, :d] = self.pad_id
+        x[:, d:], valid[:, d:], positions[:, d:] = self.x, self.valid, self.positions
+        self.x, self.valid, self.positions = x, valid, positions
+        return d
+
+    def add(self, joining: list[tuple[list[int], Live]], holes: list[int]) -> list[int]:
+        """Put joining rows (prompt, state) into the slots `holes` (rows that just finished), then after the last
+        live row; returns the slots used."""
         used = []
-        for w in waiting:
+        T = self.T
+        for prompt, live in joining:
             if holes:
                 slot = holes.pop(0)
+                self.live[slot] = live
             else:
                 slot = self.n
-                self.n += 1
-                for name in self.HOST:
-                    getattr(self, name).append(None)
-            p = len(w.prompt)
-            row = torch.full((self.T,), self.mask_id, dtype=torch.long)
-            row[: self.P - p] = self.pad_id
-            row[self.P - p : self.P] = torch.tensor(w.prompt)
-            valid = torch.zeros(self.T, dtype=torch.bool)
-            valid[self.P - p :] = True
-            self.x[slot] = row.to(self.x.device)
-            self.valid[slot] = valid.to(self.x.device)
-            self.positions[slot] = positions_from_mask(valid).to(self.x.device)
-            self.index[slot], self.length[slot], self.generators[slot] = w.index, p, w.generator
-            self.block[slot], self.step[slot], self.left[slot], self.nfe[slot] = 0, 0, self.bl, 0
+                self.live.append(live)
+            p = len(prompt)
+            start = T - live.canvas  # the canvas's first column
+            row = torch.full((T,), self.mask_id, dtype=torch.long)
+            row[:start] = self.pad_id
+            row[start : start + p] = torch.tensor(prompt)
+            valid = torch.zeros(T, dtype=torch.bool)
+            valid[start:] = True
+            self.x[slot] = row.to(self.device)
+            self.valid[slot] = valid.to(self.device)
+            self.positions[slot] = positions_from_mask(valid).to(self.device)
+            live.left = self.bl
             used.append(slot)
         return used
-
-    def advance(self, left: list[int], stopped: list[int], n_blocks: int) -> list[int]:
-        """After a step every row took part in: count its NFE and step, and move a row whose block has no masks
-        `left` to its next block (its next step is that block's refresh). Returns the slots of the rows that are
-        done: block complete and a stop token committed (`stopped`) or the last block complete."""
-        done = []
-        for i in range(self.n):
-            self.nfe[i] += 1
-            self.step[i] += 1
-            self.left[i] = left[i]
-            if left[i]:
-                continue
-            if stopped[i] or self.block[i] + 1 == n_blocks:
-                done.append(i)
-            else:
-                self.block[i], self.step[i], self.left[i] = self.block[i] + 1, 0, self.bl
-        return done
 
     def drop(self, holes: list[int]) -> tuple[list[int], list[int]]:
         """Retire the rows in slots `holes` for good: the last live rows move into the holes below the new row
@@ -135,13 +143,10 @@ class Rows:
         src = [i for i in range(n_new, self.n) if i not in gone]
         dst = sorted(h for h in holes if h < n_new)
         if src:
-            s, d = (torch.tensor(v, dtype=torch.long, device=self.x.device) for v in (src, dst))
+            s, d = (torch.tensor(v, dtype=torch.long, device=self.device) for v in (src, dst))
             for buf in (self.x, self.valid, self.positions):
                 buf.index_copy_(0, d, buf.index_select(0, s))
-        for name in self.HOST:
-            lst = getattr(self, name)
-            for a, b in zip(src, dst):
-                lst[b] = lst[a]
-            del lst[n_new:]
-        self.n = n_new
+        for a, b in zip(src, dst):
+            self.live[b] = self.live[a]
+        del self.live[n_new:]
         return src, dst

@@ -55,69 +55,103 @@ class ModelConfig:
 
 
 class KVCache:
-    """Per-layer key/value buffers (n_layers, slots, n_kv_heads, T, head_dim), written by index, never concatenated.
+    """Per-layer key/value buffers (n_layers, slots, n_kv_heads, T + 1, head_dim), written by index in place, never
+    concatenated or copied per step (docs/DESIGN.md, "Caches").
 
-    A forward uses the cache through `update`: its queries' fresh keys/values go in at their positions and it attends
-    over the row's whole sequence. `for_rows` makes the view a forward over some slots uses (continuous batching:
-    rows at different steps share the buffers). A forward whose queries cover every position stores what it
-    computed (a refresh); any other forward of a subset of slots works on a copy of those slots, because decoding
-    rewrites a cached step's positions before it reads them again (see fastdllm/policies.py)."""
+    Column T is a scratch column: writes that must not land (the queries of a prefix step before their row's own
+    block) are sent there, and no forward ever reads it, so a write needs no read-modify-write of the old values.
+
+    A forward uses the cache through `attend`. A forward whose queries cover every position of its rows (a refresh)
+    attends over its fresh keys/values and stores them. Any other forward writes its fresh keys/values into its rows'
+    slots and attends to the cache where it lies: over the first rows (`rows` None), or, for rows spread over the
+    slots, with its queries placed among the `span` rows in flight (the other rows' outputs are dropped), so no
+    row's cached keys/values are gathered. `for_rows` makes the view one forward uses."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None,
-                 write: torch.Tensor | None = None):
-        self.k, self.v = k, v
+                 write: torch.Tensor | None = None, first: int = 0, span: int | None = None,
+                 span_mask: torch.Tensor | None = None, defer: list | None = None):
+        self.k, self.v = k, v  # the whole buffers
         self.rows = rows  # (B,) slots the forward's rows use, or None: the first B slots
         self.write = write  # (B, L) which queries' keys/values may be written, or None: all of them
+        self.first = first  # the forward's column 0 is buffer column `first`
+        self.span = span  # rows placed among the first `span` slots when `rows` is given
+        self.span_mask = span_mask  # (span, 1, 1, T - first) key mask of those slots, or None
+        self.defer = defer  # a refresh appends (layer, k, v) here instead of storing (see `store`)
+
+    @property
+    def seq_len(self) -> int:
+        return self.k.shape[3] - 1
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, seq_len: int, device, dtype) -> "KVCache":
         """Zeroed buffers: a forward may attend over (masked) pad columns no forward wrote, which must be finite."""
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, seq_len, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, seq_len + 1, cfg.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def for_rows(self, rows: torch.Tensor | None, write: torch.Tensor | None = None, first: int = 0) -> "KVCache":
+    def for_rows(self, rows: torch.Tensor | None, write: torch.Tensor | None = None, first: int = 0,
+                 span: int | None = None, span_mask: torch.Tensor | None = None, defer: list | None = None
+                 ) -> "KVCache":
         """The cache as a forward over slots `rows` (None: the first slots) and columns [first, T) sees it (its
         positions count from `first`); `write` (B, L) masks the queries whose keys/values must not replace the
-        cached ones (their outputs are not used)."""
-        return KVCache(self.k[:, :, :, first:], self.v[:, :, :, first:], rows, write)
+        cached ones (their outputs are not used). Rows spread over the slots attend among the first `span` slots,
+        whose key mask is `span_mask`."""
+        return KVCache(self.k, self.v, rows, write, first, span, span_mask, defer)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor):
         """Copy slots src into slots dst (compacting the rows in flight)."""
         self.k.index_copy_(1, dst, self.k.index_select(1, src))
         self.v.index_copy_(1, dst, self.v.index_select(1, src))
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put fresh keys/values k, v (B, Hkv, L, hd) of queries at [start, start + L) (start an int) or at
-        per-row positions start (B, L); return the keys/values (B, Hkv, T, hd) the queries attend over."""
-        kb, vb = self.k[layer], self.v[layer]  # (slots, Hkv, T, hd)
-        B, L, T = k.shape[0], k.shape[2], kb.shape[2]
-        if isinstance(start, int) and start == 0 and L == T and self.write is None:  # a refresh: store, read fresh
-            if self.rows is None:
-                kb[:B], vb[:B] = k, v
-            else:
-                kb.index_copy_(0, self.rows, k)
-                vb.index_copy_(0, self.rows, v)
-            return k, v
-        if self.rows is None:
-            kb, vb = kb[:B], vb[:B]
+    def grow(self, seq_len: int) -> "KVCache":
+        """The buffers with room for `seq_len` positions, the old ones right-aligned in them (rows end at T)."""
+        L, S, H, T1, hd = self.k.shape
+        d = seq_len + 1 - T1
+        k = self.k.new_zeros((L, S, H, seq_len + 1, hd))
+        v = torch.zeros_like(k)
+        k[:, :, :, d : d + T1 - 1] = self.k[:, :, :, : T1 - 1]
+        v[:, :, :, d : d + T1 - 1] = self.v[:, :, :, : T1 - 1]
+        return KVCache(k, v)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None, first: int):
+        """Keys/values k, v (B, Hkv, L, hd) of a refresh, at columns [first, first + L) of slots `rows` (None: the
+        first B)."""
+        kb, vb = self.k[layer], self.v[layer]
+        cols = slice(first, first + k.shape[2])
+        if rows is None:
+            kb[: k.shape[0], :, cols] = k
+            vb[: k.shape[0], :, cols] = v
         else:
-            kb, vb = kb.index_select(0, self.rows), vb.index_select(0, self.rows)
-        _put(kb, k, start, self.write)
-        _put(vb, v, start, self.write)
-        return kb, vb
+            kb[:, :, cols].index_copy_(0, rows, k)
+            vb[:, :, cols].index_copy_(0, rows, v)
 
-
-def _put(buf: torch.Tensor, new: torch.Tensor, start, write: torch.Tensor | None):
-    """buf (B, H, T, hd) <- new (B, H, L, hd) at [start, start + L) or at per-row positions start (B, L), only where
-    write (B, L) is true (None: everywhere)."""
-    if isinstance(start, int):
-        view = buf[:, :, start : start + new.shape[2]]
-        view.copy_(new if write is None else torch.where(write[:, None, :, None], new, view))
-        return
-    idx = start[:, None, :, None].expand_as(new)
-    if write is not None:
-        new = torch.where(write[:, None, :, None], new, buf.gather(2, idx))
-    buf.scatter_(2, idx, new)
+    def attend(self, attn: "Attention", layer: int, q, k, v, start, key_mask) -> torch.Tensor:
+        """Attention output (B, L, d) of queries q (B, H, L, hd) at [start, start + L) (start an int) or at per-row
+        positions start (B, L), whose fresh keys/values are k, v (B, Hkv, L, hd)."""
+        T, f = self.seq_len, self.first
+        B, L = k.shape[0], k.shape[2]
+        if isinstance(start, int) and start == 0 and L == T - f and self.write is None:  # a refresh
+            if self.defer is not None:
+                self.defer.append((layer, k, v))
+            else:
+                self.store(layer, k, v, self.rows, f)
+            return attn.attend(q, k, v, key_mask)
+        kb, vb = self.k[layer], self.v[layer]  # (slots, Hkv, T + 1, hd)
+        if isinstance(start, int):
+            cols = torch.arange(start + f, start + f + L, device=k.device).expand(B, L)
+        else:
+            cols = start + f
+        if self.write is not None:
+            cols = torch.where(self.write, cols, T)  # the scratch column
+        rows = self.rows if self.rows is not None else torch.arange(B, device=k.device)
+        kb[rows[:, None], :, cols] = k.transpose(1, 2)  # (B, L, Hkv, hd) into place
+        vb[rows[:, None], :, cols] = v.transpose(1, 2)
+        if self.rows is None:
+            return attn.attend(q, kb[:B, :, f:T], vb[:B, :, f:T], key_mask)
+        n = self.span
+        placed = q.new_zeros((n, *q.shape[1:]))  # (span, H, L, hd): zero queries for the rows not in this forward
+        placed[self.rows] = q
+        out = attn.attention(placed, kb[:n, :, f:T], vb[:n, :, f:T], self.span_mask)  # (span, H, L, hd)
+        return attn.project(out[self.rows])
 
 
 class RMSNorm(nn.Module):
@@ -133,19 +167,27 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (B, 1, L, head_dim) in float32 for integer positions (B, L)."""
+    """cos/sin tables (B, 1, L, head_dim / 2) in float32 for integer positions (B, L): both halves of a head rotate
+    by the same angles, so the tables hold one half (the reference implementations repeat it)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, L, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, hd)
-    return emb.cos(), emb.sin()
+    return freqs.cos()[:, None], freqs.sin()[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in float32 (as both reference implementations do), result in x's dtype."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary embedding in float32 (as both reference implementations do), result in x's dtype (written into `out`
+    when given). Computed half by half, x1 cos - x2 sin and x2 cos + x1 sin: the same roundings as the reference's
+    x cos + rotate_half(x) sin, without materialising the rotated copy."""
     h = x.float()
     h1, h2 = h.chunk(2, dim=-1)
-    rotated = torch.cat((-h2, h1), dim=-1)
-    return (h * cos + rotated * sin).to(x.dtype)
+    if torch.is_grad_enabled() and h.requires_grad:  # training: out= has no gradient
+        return torch.cat((h1 * cos - h2 * sin, h2 * cos + h1 * sin), dim=-1).to(x.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.sub(h1 * cos, h2 * sin, out=o1)  # computed in float32, rounded once to out's dtype
+    torch.add(h2 * cos, h1 * sin, out=o2)
+    return out
 
 
 class Attention(nn.Module):
@@ -171,18 +213,25 @@ class Attention(nn.Module):
         """Rotated queries (B, H, L, hd), rotated keys and values (B, Hkv, L, hd)."""
         return *self.qk(x, cos, sin), self.heads(self.v(x))
 
+    def attention(self, q, k, v, key_mask):
+        """Attention of queries (B, H, L, hd) over keys/values (B, Hkv, T, hd): (B, H, L, hd)."""
+        gqa = self.n_kv_heads != self.n_heads  # grouped heads read the shared keys without copying them
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=gqa)
+
+    def project(self, out):
+        """(B, H, L, hd) attention outputs through the output projection: (B, L, d)."""
+        B, _, L, _ = out.shape
+        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+
     def attend(self, q, k, v, key_mask):
         """Attention of queries (B, H, L, hd) over keys/values (B, Hkv, T, hd), through the output projection."""
-        gqa = self.n_kv_heads != self.n_heads  # grouped heads read the shared keys without copying them
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=gqa)  # (B, H, L, hd)
-        B, _, L, _ = q.shape
-        return self.o(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, d)
+        return self.project(self.attention(q, k, v, key_mask))
 
     def forward(self, x, cos, sin, key_mask, cache: "KVCache | None" = None, layer: int = 0, start=0):
         q, k, v = self.qkv(x, cos, sin)
-        if cache is not None:  # put this forward's keys/values, attend over every position of the row
-            k, v = cache.update(layer, k, v, start)
-        return self.attend(q, k, v, key_mask)
+        if cache is None:
+            return self.attend(q, k, v, key_mask)
+        return cache.attend(self, layer, q, k, v, start, key_mask)  # through the cached keys/values of the rows
 
 
 class MLP(nn.Module):
