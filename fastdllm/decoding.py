@@ -58,12 +58,12 @@ def _propose(logits: torch.Tensor, cfg: DecodeConfig, gens, mask_id: int, block_
 @torch.inference_mode()
 def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *, row_ids=None,
              max_batch_size: int | None = None, max_blocks: int | None = None, tokenizer=None,
-             progress: bool = False) -> GenerateOutput:
+             progress: bool = False, compile: bool = False) -> GenerateOutput:
     """Decode prompts (lists of token ids, or strings with `tokenizer=`; any lengths, any number) with at most
     `max_batch_size` rows in flight (None: all of them); waiting prompts join shortest first, outputs keep the input
     order. `row_ids` (ints) seed per-row noise; by default a row's id is its index. `max_blocks` (benchmarks)
     decodes only the first blocks of the full-length problem; the tokens of the blocks not decoded are left out.
-    `progress=True` shows a bar of finished rows."""
+    `progress=True` shows a bar of finished rows; `compile=True` compiles the model's dense parts (see Engine)."""
     cfg = config or DecodeConfig()
     if isinstance(prompts, (str, bytes)):
         raise ValueError("prompts must be a list of prompts (a list of strings with tokenizer=, or of token-id "
@@ -84,7 +84,7 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
         raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
     t0 = time.perf_counter()
     engine = Engine(model, cfg, max_batch_size=N if max_batch_size is None else min(N, max_batch_size),
-                    tokenizer=tokenizer, max_blocks=max_blocks)
+                    tokenizer=tokenizer, max_blocks=max_blocks, compile=compile)
     engine.reserve(max(len(p) for p in prompts) + cfg.gen_length)
     # Prompts join shortest first (ties in input order): rows in flight then have similar lengths, and forwards
     # skip the pad columns they share. Outputs keep the input order; a row's result does not depend on when it joins.

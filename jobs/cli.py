@@ -143,7 +143,8 @@ def status(output_uri, options, shards, quick):
     click.echo(f"job {st.name} in {output_uri}: {len(st.committed)}/{st.shards} shards committed, "
                f"{len(st.pending)} pending, {len(st.problems) - damaged} failed, {damaged} damaged")
     click.echo(f"rows {t.rows}/{st.rows} ({t.error_rows} bad), {t.generated_tokens} tokens, {t.nfe} nfe, "
-               f"occupancy {t.occupancy:.2f}, {t.tokens_per_second:.1f} tokens/s per worker")
+               f"occupancy {t.occupancy:.2f}, slot utilisation {t.slot_utilisation:.2f}, "
+               f"{t.tokens_per_second:.1f} tokens/s per worker")
     if st.lease is not None:
         click.echo(f"running: lease held by {st.lease.describe()}")
     for p in st.problems:

@@ -1,8 +1,10 @@
 """Handing shards to actors, on a local Ray or a joined cluster, without silent waits.
 
 Each actor goes through: placing (Ray has not granted its resources yet; on a joined cluster it may wait for an
-autoscaler) -> loading (its process runs, the model loads) -> idle <-> busy (one shard at a time). Shards go only
-to idle actors, so an actor the cluster cannot place never holds a shard. A failed attempt (the actor died, the
+autoscaler) -> loading (its process runs, the model loads) -> idle <-> busy. A busy actor holds up to
+`workers.shards_per_actor` shards: the one it decodes and the next, whose rows join the actor's engine as the first one's
+last rows finish (workers/shard.py). Shards go only to loaded actors, so an actor the cluster cannot place never
+holds a shard. A failed attempt (the actor died, the
 task raised, or it ran past the shard timeout) goes back to the end of the queue until it has had
 max_retries + 1 attempts; a dead or stuck actor is replaced by a fresh one, which is placed and loaded again. A
 shard whose input is bad (ShardDataError) fails at once: another attempt would read the same.
@@ -60,7 +62,10 @@ class Slot:
     state: str = "placing"  # placing | loading | idle | busy | stopped (given up)
     since: float = 0.0  # when it entered `state`
     where: str = ""  # host:pid once placed
-    shard: Shard | None = None
+    running: dict = field(default_factory=dict)  # object ref -> (shard, when it was handed over)
+
+    def shards(self) -> list[Shard]:
+        return [shard for shard, _ in self.running.values()]
 
 
 @dataclass
@@ -80,12 +85,16 @@ class Dispatcher:
 
     def __init__(self, name: str, w: WorkersSpec, settings: WorkerSettings, shards: list[Shard], n_actors: int, *,
                  write_log: Callable[[Shard, int, str], None], lost: Callable[[], str | None] = lambda: None,
+                 recover: Callable[[Shard], ShardRecord | None] = lambda shard: None,
                  metrics=None, progress: bool | None = None):
         import ray
 
         self.name, self.w, self.settings = name, w, settings
         self.write_log, self.lost, self.metrics, self.progress = write_log, lost, metrics, progress
-        self.actor_cls = ray.remote(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0)(WorkerActor)
+        self.recover = recover  # a shard's verified commit record, for shards whose worker died after committing
+        self.bar = None
+        self.actor_cls = ray.remote(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0,
+                                    max_concurrency=w.shards_per_actor)(WorkerActor)
         self.queue: deque[Shard] = deque(shards)
         self.rows, self.total = sum(s.rows for s in shards), len(shards)
         self.attempts: dict[int, int] = {}
@@ -113,7 +122,7 @@ class Dispatcher:
 
     def _start(self, slot: Slot) -> None:
         """A fresh actor in `slot`: ask Ray to place it, then load its model (both calls queue on the actor)."""
-        slot.actor, slot.where, slot.shard = self.actor_cls.remote(), "", None
+        slot.actor, slot.where, slot.running = self.actor_cls.remote(), "", {}
         self.refs[slot.actor.placed.remote()] = (slot, "placed")
         self.refs[slot.actor.load.remote(self.settings)] = (slot, "loaded")
         self._set(slot, "placing")
@@ -148,43 +157,68 @@ class Dispatcher:
     # -- shards ----------------------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        for slot in self.slots:
-            if not self.queue:
-                return
-            if slot.state == "idle":
-                slot.shard = self.queue.popleft()
-                ref = slot.actor.run_shard.remote(slot.shard, self.attempts.get(slot.shard.index, 0))
-                self.refs[ref] = (slot, "shard")
-                self._set(slot, "busy")
+        for depth in range(self.w.shards_per_actor):  # first every actor's current shard, then their next ones
+            for slot in self.slots:
+                if not self.queue:
+                    return
+                if slot.state in ("idle", "busy") and len(slot.running) == depth:
+                    shard = self.queue.popleft()
+                    ref = slot.actor.run_shard.remote(shard, self.attempts.get(shard.index, 0))
+                    self.refs[ref] = (slot, "shard")
+                    slot.running[ref] = (shard, time.monotonic())
+                    if slot.state == "idle":
+                        self._set(slot, "busy")
 
     def _fail(self, shard: Shard, why: str, kind: str = "failed") -> None:
         self.out.failed[shard.index] = MissingShard(shard.index, kind, why)
 
-    def _attempt_failed(self, slot: Slot, why: str, detail: str, replace: bool, data_error: bool = False) -> None:
-        shard = slot.shard
+    def _attempt_failed(self, slot: Slot, shard: Shard, why: str, detail: str, replace: bool,
+                        data_error: bool = False) -> None:
+        """One attempt of `shard` on `slot` failed; with `replace` its actor is gone (died, or killed after a
+        timeout), and so is every other shard it was running: each of those attempts failed too."""
+        lost = []
+        if replace:
+            running, slot.running = list(slot.running.values()), {}
+            for other, since in running:  # a shard the worker committed before it died counts as committed
+                rec = self.recover(other)
+                if rec is None:
+                    lost.append(other)
+                else:
+                    self._committed(slot, since, rec, self.bar)
+            self.deaths += 1
+        gave_up = replace and self.deaths >= self.give_up_after
+        rec = self.recover(shard) if replace else None
+        if rec is not None:
+            self._committed(slot, None, rec, self.bar)
+        else:
+            self._attempt_failed_one(slot, shard, why, detail, data_error, gave_up)
+        for other in lost:
+            self._attempt_failed_one(slot, other, f"{why} (while its worker ran shard {shard.name})",
+                                     f"lost with its worker, which was running shard {shard.name}", False, gave_up)
+        if gave_up:
+            self._gave_up(why)
+            self._set(slot, "stopped")
+        elif replace:
+            self._replace(slot)
+        elif not slot.running:
+            self._set(slot, "idle")
+
+    def _attempt_failed_one(self, slot: Slot, shard: Shard, why: str, detail: str, data_error: bool,
+                            gave_up: bool) -> None:
         attempt = self.attempts.get(shard.index, 0)
         when = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.write_log(shard, attempt, f"shard {shard.name} attempt {attempt} on {slot.where or '?'} failed at "
                                        f"{when}: {why}\n\n{detail.rstrip()}\n")
         if self.metrics:
             self.metrics.attempt_failed()
-        slot.shard = None
         if data_error:  # the input is wrong: another attempt reads the same
             log.error("shard %s: %s", shard.name, why)
             self._fail(shard, why, kind="data")
-            self._set(slot, "idle")
             return
         n = self.attempts[shard.index] = attempt + 1
-        if replace:
-            self.deaths += 1
-            if self._gave_up(why):
-                self._fail(shard, f"{why} (gave up: {self.deaths} worker deaths in a row)")
-                self._set(slot, "stopped")
-                return
-            self._replace(slot)
-        else:
-            self._set(slot, "idle")
-        if n <= self.w.max_retries:
+        if gave_up:
+            self._fail(shard, f"{why} (gave up: {self.deaths} worker deaths in a row)")
+        elif n <= self.w.max_retries:
             log.warning("shard %s failed (attempt %d of %d): %s; retrying", shard.name, n, self.w.max_retries + 1,
                         why)
             self.queue.append(shard)
@@ -192,14 +226,15 @@ class Dispatcher:
             log.error("shard %s failed after %d attempts: %s", shard.name, n, why)
             self._fail(shard, why)
 
-    def _committed(self, slot: Slot, rec: ShardRecord, bar) -> None:
+    def _committed(self, slot: Slot, since: float | None, rec: ShardRecord, bar) -> None:
         now = time.monotonic()
-        self.durations.append(now - slot.since)
+        if since is not None:  # None: found committed after its worker died (its duration is unknown)
+            self.durations.append(now - since)
         self.deaths, self.last_commit = 0, now
         self.out.tokens += rec.stats.generated_tokens
         self.out.reported.add(rec.shard)
-        slot.shard = None
-        self._set(slot, "idle")
+        if not slot.running:
+            self._set(slot, "idle")
         if self.metrics:
             self.metrics.shard_committed(rec.stats)
         bar.update(rec.stats.rows)
@@ -212,13 +247,14 @@ class Dispatcher:
         from ray.exceptions import RayError, RayTaskError
 
         slot, kind = self.refs.pop(ref)
+        shard, since = slot.running.pop(ref) if kind == "shard" else (None, 0.0)
         try:
             value = ray.get(ref)
         except RayError as e:
             if kind == "shard":
                 detail = _ANSI.sub("", getattr(e, "traceback_str", None) or str(e))  # the worker's own traceback
                 data_error = isinstance(getattr(e, "cause", None), ShardDataError)
-                self._attempt_failed(slot, str(e.cause) if data_error else _reason(e), detail,
+                self._attempt_failed(slot, shard, str(e.cause) if data_error else _reason(e), detail,
                                      replace=not isinstance(e, RayTaskError), data_error=data_error)
             elif kind == "loaded" and isinstance(e, RayTaskError):
                 self._worker_lost(slot, f"worker could not load the model: {_reason(e)}")
@@ -233,7 +269,7 @@ class Dispatcher:
             self._set(slot, "idle")
             log.info("worker %d ready on %s", slot.index, value)
         else:
-            self._committed(slot, value, bar)
+            self._committed(slot, since, value, bar)
 
     # -- watching --------------------------------------------------------------------------------------------
 
@@ -250,12 +286,15 @@ class Dispatcher:
         if limit is None:
             return
         for slot in self.slots:
-            if slot.state == "busy" and now - slot.since > limit:
+            late = [(ref, shard, since) for ref, (shard, since) in slot.running.items() if now - since > limit]
+            if late:
+                ref, shard, since = late[0]
                 how = "workers.shard_timeout_s" if self.w.shard_timeout_s else (
                     f"{TIMEOUT_FACTOR}x the slowest committed shard, at least workers.min_shard_timeout_s")
                 self.refs = {r: v for r, v in self.refs.items() if v[0] is not slot}
-                self._attempt_failed(slot, f"timed out after {limit:.0f}s ({how})",
-                                     f"no result after {now - slot.since:.0f}s; the actor was killed", replace=True)
+                del slot.running[ref]
+                self._attempt_failed(slot, shard, f"timed out after {limit:.0f}s ({how})",
+                                     f"no result after {now - since:.0f}s; the actor was killed", replace=True)
 
     def _check_placement(self, now: float) -> None:
         """Give up on the queue when no actor has been placed for workers.placement_timeout_s."""
@@ -285,7 +324,8 @@ class Dispatcher:
             log.info("waiting for %d actors (need %s each; cluster: %s)%s", len(placing), describe_need(self.w),
                      describe_cluster(), left)
         if now - self.last_commit >= self.w.heartbeat_s:
-            busy = [f"{s.shard.name} {now - s.since:.0f}s on {s.where}" for s in self.slots if s.state == "busy"]
+            busy = [f"{shard.name} {now - since:.0f}s on {s.where}" for s in self.slots
+                    for shard, since in s.running.values()]
             loading = sum(s.state == "loading" for s in self.slots)
             limit = self.shard_timeout()
             log.info("no shard committed for %.0fs: %d/%d committed in this run, %d queued; running: %s%s; shard "
@@ -295,7 +335,7 @@ class Dispatcher:
 
     def _stop(self, why: str, kind: str = "failed") -> None:
         """Every queued or running shard is missing, for `why`."""
-        for s in [*self.queue, *(slot.shard for slot in self.slots if slot.state == "busy")]:
+        for s in [*self.queue, *(shard for slot in self.slots for shard in slot.shards())]:
             self._fail(s, why, kind)
         self.queue.clear()
 
@@ -304,7 +344,7 @@ class Dispatcher:
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        bar = tqdm(total=self.rows, unit="row", desc=self.name,
+        bar = self.bar = tqdm(total=self.rows, unit="row", desc=self.name,
                    disable=None if self.progress is None else not self.progress)
         with logging_redirect_tqdm() if not bar.disable else nullcontext():  # log lines above the bar
             try:
@@ -322,7 +362,7 @@ class Dispatcher:
                     self._heartbeat(now)
             except JobInterrupted as e:
                 self.out.interrupted = e
-                running = [s.shard.name for s in self.slots if s.state == "busy"]
+                running = [shard.name for s in self.slots for shard in s.shards()]
                 log.warning("%s: stopping; %d shards committed in this run, %s abandoned; rerun to resume",
                             e, len(self.durations), ", ".join(running) or "none")
                 self._stop(f"stopped by {e} before it committed", kind="not_run")

@@ -137,6 +137,10 @@ class WorkersSpec(_Strict):
     num_cpus: float = Field(1, ge=0, description="CPUs per actor (Ray resource; also its torch threads).")
     batch_size: int = Field(16, gt=0, description="Rows in flight per worker (continuous batching; a shard's "
                                                   "prompts join in length order).")
+    shards_per_actor: int = Field(2, ge=1, le=8, description=(
+        "Shards in flight on one actor: its current one and the next ones, whose rows join the actor's decoding "
+        "engine as the current shard's last rows finish (1: each shard drains before the next starts). An actor "
+        "that dies loses all of its shards' attempts."))
     max_retries: int = Field(2, ge=0, description="Extra attempts for a shard whose worker died, raised or timed out.")
     shard_timeout_s: float | None = Field(None, gt=0, description=(
         "Give up on a shard attempt after this many seconds from dispatch to a loaded actor; the actor is replaced "

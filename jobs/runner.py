@@ -238,6 +238,7 @@ def _run_shards(m: Manifest, plan: Plan, pending: list[Shard], address: str | No
         _warn_local_output(m)
         dispatcher = Dispatcher(m.name, m.workers, worker_settings(m, plan), pending, n, progress=progress,
                                 write_log=lambda shard, attempt, text: _write_attempt_log(out, shard, attempt, text),
+                                recover=lambda shard: out.committed_record(shard.index, shard.rows),
                                 lost=lost, metrics=JobMetrics(m.name))
         with stop_on_signals():
             return dispatcher.run()

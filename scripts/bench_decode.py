@@ -59,6 +59,17 @@ try:
 except ImportError:  # an engine from before the tiny model's kit
     from fastdllm.tasks import problems
 CONTINUOUS = "max_batch_size" in inspect.signature(fastdllm.generate).parameters
+ENGINE = ("request engine" if hasattr(fastdllm, "Engine") else "continuous") if CONTINUOUS else "lock-step"
+try:
+    from fastdllm.movement import count_movement
+except ImportError:  # an older engine through PYTHONPATH: count with this checkout's counter (it needs only torch)
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location(
+        "_movement", Path(__file__).resolve().parent.parent / "fastdllm" / "movement.py")
+    _movement = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_movement)
+    count_movement = _movement.count_movement
 
 
 def parse_args(argv=None):
@@ -93,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here (default: print only)")
+    p.add_argument("--movement", action="store_true",
+                   help="mixed: also count the bytes copy/gather/index ops write (an extra, untimed pass)")
+    p.add_argument("--compile", action="store_true", help="mixed: Engine(compile=True) (request engine only)")
     p.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
                    help="extra DecodeConfig fields for every non-baseline setting (repeatable)")
     a = p.parse_args(argv)
@@ -154,10 +168,11 @@ def mixed_prompts(model, a) -> list[list[int]]:
     return [torch.randint(0, vocab, (len(t),), generator=g).tolist() for t in texts]
 
 
-def decode_all(model, prompts, cfg, batch_size: int, max_blocks=None) -> dict:
+def decode_all(model, prompts, cfg, batch_size: int, max_blocks=None, compile=False) -> dict:
     """All prompts with `batch_size` rows in flight: one continuous call, or lock-step batches in input order."""
     if CONTINUOUS:
-        out = fastdllm.generate(model, prompts, cfg, max_batch_size=batch_size, max_blocks=max_blocks)
+        kw = dict(compile=True) if compile else {}
+        out = fastdllm.generate(model, prompts, cfg, max_batch_size=batch_size, max_blocks=max_blocks, **kw)
         return dict(nfe=sum(out.nfe), tokens=out.stats["generated_tokens"], forward_passes=out.stats["forward_passes"])
     total = dict(nfe=0, tokens=0, forward_passes=0)
     for i in range(0, len(prompts), batch_size):
@@ -186,26 +201,33 @@ def run_mixed(a) -> dict:
                 cfg = fastdllm.DecodeConfig(gen_length=gen, block_length=a.block_length, steps=gen, cache=cache,
                                             rule=rule, threshold=a.threshold, factor=a.factor,
                                             frechet_margin=a.frechet_margin, temperature=a.temperature)
-                decode_all(model, prompts[: max(a.batch_sizes)], cfg, max(a.batch_sizes), 1)  # warm-up
+                decode_all(model, prompts[: max(a.batch_sizes)], cfg, max(a.batch_sizes), 1, a.compile)  # warm-up
                 for bs in a.batch_sizes:
                     if torch.device(a.device).type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     counted["rows"] = 0
                     _sync(a.device)
                     t0, c0 = time.perf_counter(), time.process_time()
-                    tot = decode_all(model, prompts, cfg, bs, a.max_blocks)
+                    tot = decode_all(model, prompts, cfg, bs, a.max_blocks, a.compile)
                     _sync(a.device)
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                    engine = ("continuous" if CONTINUOUS else "lock-step") + (" (sorted)" if a.sort_prompts else "")
+                    moved, rf = None, counted["rows"]
+                    if a.movement:  # untimed: the counting mode slows every op down
+                        with count_movement() as counter:
+                            decode_all(model, prompts, cfg, bs, a.max_blocks, a.compile)
+                        moved = sum(counter.values()) / rf
+                    engine = ENGINE + (" compiled" if a.compile else "") + (" (sorted)" if a.sort_prompts else "")
                     row = dict(engine=engine, gen_length=gen, batch=bs,
-                               cache=cache, rule=rule, nfe=tot["nfe"], row_forwards=counted["rows"],
-                               occupancy=tot["nfe"] / counted["rows"], forward_passes=tot["forward_passes"],
+                               cache=cache, rule=rule, nfe=tot["nfe"], row_forwards=rf,
+                               occupancy=tot["nfe"] / rf, forward_passes=tot["forward_passes"],
                                tokens=tot["tokens"], wall_s=wall, tokens_per_s=tot["tokens"] / wall, cpu_s=cpu,
-                               tokens_per_cpu_s=tot["tokens"] / cpu, peak_mib=_peak_memory_mib(a.device))
+                               tokens_per_cpu_s=tot["tokens"] / cpu, peak_mib=_peak_memory_mib(a.device),
+                               moved_bytes_per_row_forward=moved)
                     results.append(row)
                     print(f"{row['engine']} gen {gen} batch {bs} {cache:>6} {rule}: nfe {row['nfe']}  row-forwards "
                           f"{row['row_forwards']}  occupancy {row['occupancy']:.2f}  {row['tokens_per_s']:.1f} tok/s  "
-                          f"{wall:.2f}s  ({row['tokens_per_cpu_s']:.1f} tok per CPU s)  peak {row['peak_mib']:.0f} MiB",
+                          f"{wall:.2f}s  ({row['tokens_per_cpu_s']:.1f} tok per CPU s)  peak {row['peak_mib']:.0f} MiB"
+                          + (f"  moved {moved / 1024:.1f} KiB per row-forward" if moved is not None else ""),
                           flush=True)
     return dict(info=_info(a, model, workload="mixed", n_prompts=len(prompts),
                            mean_prompt_tokens=sum(map(len, prompts)) / len(prompts)), results=results)
@@ -215,7 +237,7 @@ def _info(a, model, **extra) -> dict:
     mc = model.config
     info = dict(device=a.device, dtype=str(model.dtype), torch=torch.__version__, threads=torch.get_num_threads(),
                 cpu=platform.processor() or platform.machine(), model=a.model or "random",
-                engine="continuous" if CONTINUOUS else "lock-step", fastdllm=fastdllm.__file__,
+                engine=ENGINE, fastdllm=fastdllm.__file__,
                 shape=dict(d_model=mc.d_model, n_layers=mc.n_layers, n_heads=mc.n_heads, n_kv_heads=mc.n_kv_heads,
                            mlp_hidden=mc.mlp_hidden, vocab=mc.vocab_size, params=model.num_parameters()),
                 prompt_length=a.prompt_length, block_length=a.block_length, max_blocks=a.max_blocks,
@@ -226,7 +248,8 @@ def _info(a, model, **extra) -> dict:
 
 
 def merge(paths: list[str]) -> str:
-    """Median over runs of each (engine, cache, rule, batch) and the continuous / lock-step ratios, as markdown."""
+    """Median over runs of each (engine, cache, rule, batch) and the ratios to the older engine, as markdown: the
+    request engine against the continuous one of c91e7c2, or the continuous one against the lock-step one."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
@@ -234,25 +257,27 @@ def merge(paths: list[str]) -> str:
             groups.setdefault((row["cache"], row["rule"], row["batch"], row["engine"]), []).append(row)
     fields = ("nfe", "row_forwards", "occupancy", "tokens", "tokens_per_s", "tokens_per_cpu_s", "peak_mib")
     med = {k: {f: statistics.median(x[f] for x in v) for f in fields} | {"n": len(v)} for k, v in groups.items()}
+    for k, v in groups.items():
+        moved = [x["moved_bytes_per_row_forward"] for x in v if x.get("moved_bytes_per_row_forward") is not None]
+        med[k]["moved"] = statistics.median(moved) if moved else None
+    engines = {k[3] for k in groups}
+    older = "continuous" if "request engine" in engines else "lock-step"
     lines = ["| cache | batch | engine | runs | NFE | row-forwards | occupancy | tokens | tokens/s | ratio | "
-             "tokens per CPU s | ratio |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    # ratio: continuous / lock-step on the same (unsorted) prompts; a sorted lock-step row gets its ratio to the
-    # continuous engine's (which admits shortest first whatever the input order)
-    for cache, rule, bs, engine in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] == "continuous", k[3])):
+             "tokens per CPU s | ratio | KiB moved per row-forward | ratio |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for cache, rule, bs, engine in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != older, k[3])):
         m = med[(cache, rule, bs, engine)]
-        base = med.get((cache, rule, bs, "lock-step"))
-        cont = med.get((cache, rule, bs, "continuous"))
+        base = med.get((cache, rule, bs, older))
 
         def ratio(f):
-            if engine == "continuous" and base:
-                return f"{m[f] / base[f]:.2f}x"
-            if engine == "lock-step (sorted)" and cont:
-                return f"{cont[f] / m[f]:.2f}x"
-            return ""
+            if engine == older or not base or m[f] is None or not base[f]:
+                return ""
+            return f"{m[f] / base[f]:.2f}x"
 
+        moved = f"{m['moved'] / 1024:.1f}" if m["moved"] is not None else ""
         lines.append(f"| {cache} ({rule}) | {bs} | {engine} | {m['n']} | {m['nfe']:.0f} | {m['row_forwards']:.0f} | "
                      f"{m['occupancy']:.2f} | {m['tokens']:.0f} | {m['tokens_per_s']:.0f} | {ratio('tokens_per_s')} | "
-                     f"{m['tokens_per_cpu_s']:.0f} | {ratio('tokens_per_cpu_s')} |")
+                     f"{m['tokens_per_cpu_s']:.0f} | {ratio('tokens_per_cpu_s')} | {moved} | {ratio('moved')} |")
     i = runs[0]["info"]
     return (f"model {i['model']} ({i['shape']['params'] / 1e6:.2f}M params), {i['device']} {i['dtype']}, "
             f"{i['threads']} threads, {i.get('n_prompts')} prompts\n\n" + "\n".join(lines))

@@ -219,3 +219,71 @@ def test_count_movement_counts_what_moving_ops_write():
         kb[:2, :, 0:2] = val.transpose(1, 2)
         kb.matmul(torch.ones(5, 5))  # compute, not counted
     assert dict(moved) == {"index_put_": val.numel() * 4, "index_select": 2 * 3 * 10 * 5 * 4, "copy_": 240}
+
+
+@pytest.mark.slow  # compiling takes 20-100 s here (the machine is shared)
+def test_compiled_engine_gives_the_eager_tokens(tmp_path):
+    """compile=True (torch.compile of each layer's dense halves, dynamic shapes on CPU) decodes the same rows."""
+    from fastdllm.models import from_config
+    from fastdllm.tiny_kit import tiny_config
+
+    model = from_config(tiny_config().replace(n_layers=1), seed=3, std=0.2)
+    cfg = DecodeConfig(gen_length=16, block_length=8, steps=16, cache="dual", rule="threshold", threshold=0.3,
+                       stop_at_eos=False)
+    prompts = random_prompts(model, [3, 9, 5, 12, 7, 2], seed=36)
+    eager = generate(model, prompts, cfg, max_batch_size=4)
+    compiled = generate(model, prompts, cfg, max_batch_size=4, compile=True)
+    assert (compiled.tokens, compiled.nfe) == (eager.tokens, eager.nfe)
+    assert model._fastdllm_compiled  # compiled in place: the model's later forwards run the compiled halves
+
+
+def test_two_shards_share_one_workers_engine_and_each_commits_its_own_rows(tmp_path):
+    """The driver hands an actor its next shard before the current one ends: both calls share the worker's engine,
+    the second shard's rows join while the first's last rows finish, and each commits exactly its own rows, equal
+    to the rows decoded one shard at a time."""
+    import json
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastdllm.workers.shard import Shard, ShardWorker, WorkerSettings
+
+    prompts = [f"{i}+{i * 7 % 50}=" for i in range(10)] + [f"sort:{9182 + i * 37}=" for i in range(10)]
+    pq.write_table(pa.table({"prompt": prompts, "id": list(range(20))}), tmp_path / "p.parquet")
+    decode = DecodeConfig(gen_length=16, block_length=8, steps=16, cache="dual", rule="threshold", threshold=0.9)
+
+    def shards(out):
+        w = ShardWorker(WorkerSettings(model_source="tiny", decode=decode, output_uri=str(tmp_path / out),
+                                       batch_size=4, id_column="id"))
+        return w, [Shard(index=k, file=str(tmp_path / "p.parquet"), relpath="p.parquet", start=10 * k,
+                         stop=10 * k + 10) for k in range(2)]
+
+    w, (a, b) = shards("one-by-one")
+    alone = [w.run_shard(a), w.run_shard(b)]
+    w, (a, b) = shards("together")
+    both_in_flight = []
+    step = w.engine().engine.step
+
+    def watched():
+        out = step()
+        both_in_flight.append(len({r.request.row_id >= 10 for r in w.engine().engine.rows.live}) == 2)
+        return out
+
+    w.engine().engine.step = watched
+    records = [None, None]
+    threads = [threading.Thread(target=lambda k=k, s=s: records.__setitem__(k, w.run_shard(s)))
+               for k, s in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert any(both_in_flight)  # some steps decoded rows of both shards
+    for k in range(2):
+        one = pq.read_table(tmp_path / "one-by-one" / "shards" / f"{k:05d}.parquet").to_pylist()
+        two = pq.read_table(tmp_path / "together" / "shards" / f"{k:05d}.parquet").to_pylist()
+        assert [r["id"] for r in two] == list(range(10 * k, 10 * k + 10))
+        assert [(r["completion_ids"], r["nfe"]) for r in two] == [(r["completion_ids"], r["nfe"]) for r in one]
+        saved = json.loads((tmp_path / "together" / "stats" / f"{k:05d}.json").read_text())
+        assert 0 < saved["slot_utilisation"] <= 1 and saved["row_forwards"] == saved["nfe"]
+        assert records[k].stats.nfe == alone[k].stats.nfe

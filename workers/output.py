@@ -328,6 +328,18 @@ class JobOutput:
             return {}
         return {self._rel(p): info.get("size") for p, info in found.items()}
 
+    def committed_record(self, shard: int, rows: int) -> ShardRecord | None:
+        """Shard `shard`'s commit record when its marker and data file are in place and verified, else None (used
+        when a worker died after it committed a shard but before it could report it)."""
+        try:
+            rec = ShardRecord.from_dict(json.loads(self.fs.cat_file(self.path(self.marker_file(shard))).decode()))
+            data = self.fs.cat_file(self.path(rec.file.path))
+        except Exception:  # noqa: BLE001 - absent, unreadable or not a record: not committed
+            return None
+        ok = (rec.shard == shard and rec.file.path == self.shard_file(shard) and rec.stats.rows == rows
+              and len(data) == rec.file.size and crc32(data) == rec.file.crc32)
+        return rec if ok else None
+
     def scan(self, planned: Mapping[int, int], verify: bool = True,
              known: Mapping[int, ShardRecord] | None = None) -> Scan:
         """The commit markers, checked: a marker counts only for a shard in the plan ({shard: rows}), when it

@@ -1,7 +1,11 @@
 """`ShardWorker`: loads a model once, then decodes whole shards: read rows (from the planned input only) ->
-validate and template -> sort by prompt length -> decode (one continuous-batching generate() call, `batch_size` rows
-in flight, num_samples rows per prompt) -> commit through `JobOutput` (shards/NNNNN.parquet or .jsonl, then
+validate and template -> sort by prompt length -> decode (one Request per row and sample, through the worker's one
+`fastdllm.Engine`, `batch_size` rows in flight) -> commit through `JobOutput` (shards/NNNNN.parquet or .jsonl, then
 stats/NNNNN.json, the commit marker, always last).
+
+The engine lives as long as the worker: `run_shard` may run for two shards at once (the driver hands an actor its
+next shard before the current one ends), and the next shard's rows join the engine as the current shard's last
+rows finish, instead of those decoding in a half-empty batch. Each call still commits exactly its own rows.
 
 A plain class: the job driver wraps it with `ray.remote`; tests and notebooks use it directly.
 """
@@ -15,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -93,8 +98,9 @@ class WorkerSettings:
     storage_options: dict = field(default_factory=dict)
     batch_size: int = 16
     # Fault injection, for tests of the driver's retries only: {shard index: attempts to fail}. After decoding
-    # the shard's rows, `crash` ends the worker process (os._exit), `error` raises RuntimeError, and
-    # `hang` sleeps until the driver's shard timeout gives up on the attempt.
+    # the shard's rows, `crash` ends the worker process (os._exit) once its other shards are done (or crash too),
+    # so only the crashing shards are lost; `error` raises RuntimeError, and `hang` sleeps until the driver's shard
+    # timeout gives up on the attempt.
     crash: dict[int, int] = field(default_factory=dict)
     error: dict[int, int] = field(default_factory=dict)
     hang: dict[int, int] = field(default_factory=dict)
@@ -148,8 +154,48 @@ def decode_text(column: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
     return values, bad
 
 
+class SharedEngine:
+    """One Engine that the shards a worker runs at once share: each caller adds its requests and, holding the
+    lock, steps the engine until all of them are back (whoever holds the lock steps for everyone); finished
+    requests are handed to their own caller. Per caller it counts the steps its rows took part in."""
+
+    def __init__(self, engine: fastdllm.Engine):
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.done: dict[int, fastdllm.Finished] = {}
+        self.owner: dict[int, ShardStats] = {}  # request id -> the counters of the shard it belongs to
+
+    def run(self, requests: list[fastdllm.Request], counters: ShardStats) -> list[fastdllm.Finished]:
+        e = self.engine
+        with self.lock:
+            ids = [e.add(r) for r in requests]
+            self.owner.update((i, counters) for i in ids)
+        try:
+            while True:
+                with self.lock:
+                    if all(i in self.done for i in ids):
+                        return [self.done.pop(i) for i in ids]
+                    forwards = e.stats["forward_passes"]
+                    finished = e.step()
+                    self.done.update((f.id, f) for f in finished)
+                    took_part: dict[int, list] = {}  # the shards whose rows were in this step: [counters, rows]
+                    for r in e.rows.live:
+                        c = self.owner[r.request.id]
+                        took_part.setdefault(id(c), [c, 0])[1] += 1
+                    for c, n_rows in took_part.values():
+                        c.forward_passes += e.stats["forward_passes"] - forwards
+                        c.row_forwards += n_rows  # each row in flight is in one of the step's forwards
+                        c.slot_steps += e.max_batch_size
+                        c.rows_in_flight += e.rows.n
+        finally:
+            with self.lock:
+                for i in ids:
+                    self.owner.pop(i, None)
+
+
 class ShardWorker:
-    """Holds one loaded model and tokenizer; `run_shard` decodes and commits one shard at a time."""
+    """Holds one loaded model, tokenizer and decoding engine; `run_shard` decodes and commits one shard (two may
+    run at once, sharing the engine)."""
 
     def __init__(self, settings: WorkerSettings):
         import torch
@@ -166,7 +212,21 @@ class ShardWorker:
         self.reader = InputReader(settings.source, settings.storage_options,
                                   string_columns=(settings.prompt_column,) if settings.prompt_column else ())
         self._warm_up()
+        self._shared: SharedEngine | None = None
+        self._shared_lock = threading.Lock()
+        self._running = threading.Condition()  # shards in run_shard now, and those of them crashing (faults)
+        self._in_flight = self._crashing = 0
         self.out = JobOutput(settings.output_uri, settings.storage_options, ext=settings.output_format)
+
+    def engine(self) -> SharedEngine:
+        """The worker's engine, for the current decode settings and batch size (made anew only when they changed,
+        which a notebook or test may do between shards)."""
+        with self._shared_lock:
+            e = self._shared
+            if e is None or e.engine.cfg != self.cfg or e.engine.max_batch_size != self.s.batch_size:
+                e = self._shared = SharedEngine(fastdllm.Engine(self.model, self.cfg, max_batch_size=self.s.batch_size,
+                                                                tokenizer=self.tok))
+            return e
 
     def _warm_up(self) -> None:
         """Decode one full batch of a one-token prompt, so the first shard does not pay for lazy kernel set-up
@@ -219,6 +279,10 @@ class ShardWorker:
 
     def _inject_fault(self, shard: Shard, attempt: int) -> None:
         if attempt < self.s.crash.get(shard.index, 0):
+            with self._running:
+                self._crashing += 1
+                self._running.notify_all()
+                self._running.wait_for(lambda: self._in_flight == self._crashing)
             log.warning("fault injection: worker %s exits during shard %s (attempt %d)", self.name, shard.name,
                         attempt)
             os._exit(17)
@@ -258,23 +322,19 @@ class ShardWorker:
 
     def _decode(self, encoded: list, ids: list, counters: ShardStats, shard: Shard, attempt: int
                 ) -> tuple[list, list, list]:
-        """Decode num_samples samples of every good row in one continuous-batching generate() call (batch_size
-        rows in flight, joining in length order: similar lengths are in flight together), sample k of row i seeded
-        by seed_id(ids[i], k). Returns completion ids, nfe and finish reasons per output row i * num_samples + k."""
+        """Decode num_samples samples of every good row through the worker's engine (batch_size rows in flight,
+        joining in length order: similar lengths are in flight together), sample k of row i seeded by
+        seed_id(ids[i], k). Returns completion ids, nfe and finish reasons per output row i * num_samples + k."""
         ns = self.s.num_samples
         todo = sorted((len(e), i, k) for i, e in enumerate(encoded) if e is not None for k in range(ns))
         completion_ids: list[list[int] | None] = [None] * (len(encoded) * ns)
         nfe = [0] * len(completion_ids)
         reasons = ["error"] * len(completion_ids)
         t0 = time.perf_counter()
-        if todo:  # the whole shard in one call: a finished row's slot goes to the next prompt at once
-            out = fastdllm.generate(self.model, [encoded[i] for _, i, _ in todo], self.cfg,
-                                    row_ids=[seed_id(ids[i], k) for _, i, k in todo],
-                                    max_batch_size=self.s.batch_size)
-            for (_, i, k), toks, steps, why in zip(todo, out.tokens, out.nfe, out.finish_reasons):
-                completion_ids[i * ns + k], nfe[i * ns + k], reasons[i * ns + k] = toks, steps, why
-            counters.forward_passes += out.stats["forward_passes"]
-            counters.row_forwards += out.stats["row_forwards"]
+        if todo:  # a finished row's slot goes to the next prompt at once, of this shard or the next one
+            requests = [fastdllm.Request(encoded[i], row_id=seed_id(ids[i], k)) for _, i, k in todo]
+            for (_, i, k), f in zip(todo, self.engine().run(requests, counters)):
+                completion_ids[i * ns + k], nfe[i * ns + k], reasons[i * ns + k] = f.tokens, f.nfe, f.finish_reason
         counters.decode_seconds = time.perf_counter() - t0
         self._inject_fault(shard, attempt)
         counters.nfe = sum(nfe)
@@ -285,6 +345,16 @@ class ShardWorker:
         """Decode one shard and commit it; returns its commit record (what stats/NNNNN.json holds). Each input row
         gives num_samples output rows (row-major, with sample_index), followed by the kept input columns. A shard
         whose input is wrong raises ShardDataError (the driver does not retry it)."""
+        with self._running:
+            self._in_flight += 1
+        try:
+            return self._run_shard(shard, attempt)
+        finally:
+            with self._running:
+                self._in_flight -= 1
+                self._running.notify_all()
+
+    def _run_shard(self, shard: Shard, attempt: int) -> ShardRecord:
         t0 = time.perf_counter()
         started = now()
         table = self.reader.read(shard, self.s.input_columns)

@@ -19,6 +19,10 @@ class ShardStats:
     nfe: int = 0
     forward_passes: int = 0
     row_forwards: int = 0  # rows summed over every forward: nfe / row_forwards is the occupancy
+    # engine steps the shard's rows took part in: the batch places they offered (steps x max_batch_size) and the
+    # rows in flight in them (any shard's: the next shard's rows join while this one's last rows finish)
+    slot_steps: int = 0
+    rows_in_flight: int = 0
     read_seconds: float = 0.0  # reading the shard's rows
     decode_seconds: float = 0.0  # fastdllm.generate calls
     write_seconds: float = 0.0  # writing the shard's data file
@@ -44,8 +48,14 @@ class ShardStats:
         """Useful share of the rows pushed through the model (nfe / row_forwards; 1.0: none only waited)."""
         return self.nfe / self.row_forwards if self.row_forwards else 1.0
 
+    @property
+    def slot_utilisation(self) -> float:
+        """Mean rows in flight / max_batch_size over the engine steps the shard's rows took part in."""
+        return self.rows_in_flight / self.slot_steps if self.slot_steps else 0.0
+
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "tokens_per_second": self.tokens_per_second, "occupancy": self.occupancy}
+        return {**dataclasses.asdict(self), "tokens_per_second": self.tokens_per_second, "occupancy": self.occupancy,
+                "slot_utilisation": self.slot_utilisation}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardStats":

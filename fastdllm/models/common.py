@@ -125,8 +125,8 @@ class KVCache:
             vb[:, :, cols].index_copy_(0, rows, v)
 
     def attend(self, attn: "Attention", layer: int, q, k, v, start, key_mask) -> torch.Tensor:
-        """Attention output (B, L, d) of queries q (B, H, L, hd) at [start, start + L) (start an int) or at per-row
-        positions start (B, L), whose fresh keys/values are k, v (B, Hkv, L, hd)."""
+        """Attention outputs (B, H, L, hd) of queries q (B, H, L, hd) at [start, start + L) (start an int) or at
+        per-row positions start (B, L), whose fresh keys/values are k, v (B, Hkv, L, hd)."""
         T, f = self.seq_len, self.first
         B, L = k.shape[0], k.shape[2]
         if isinstance(start, int) and start == 0 and L == T - f and self.write is None:  # a refresh
@@ -134,7 +134,7 @@ class KVCache:
                 self.defer.append((layer, k, v))
             else:
                 self.store(layer, k, v, self.rows, f)
-            return attn.attend(q, k, v, key_mask)
+            return attn.attention(q, k, v, key_mask)
         kb, vb = self.k[layer], self.v[layer]  # (slots, Hkv, T + 1, hd)
         if isinstance(start, int):
             cols = torch.arange(start + f, start + f + L, device=k.device).expand(B, L)
@@ -146,12 +146,12 @@ class KVCache:
         kb[rows[:, None], :, cols] = k.transpose(1, 2)  # (B, L, Hkv, hd) into place
         vb[rows[:, None], :, cols] = v.transpose(1, 2)
         if self.rows is None:
-            return attn.attend(q, kb[:B, :, f:T], vb[:B, :, f:T], key_mask)
+            return attn.attention(q, kb[:B, :, f:T], vb[:B, :, f:T], key_mask)
         n = self.span
         placed = q.new_zeros((n, *q.shape[1:]))  # (span, H, L, hd): zero queries for the rows not in this forward
         placed[self.rows] = q
         out = attn.attention(placed, kb[:n, :, f:T], vb[:n, :, f:T], self.span_mask)  # (span, H, L, hd)
-        return attn.project(out[self.rows])
+        return out[self.rows]
 
 
 class RMSNorm(nn.Module):
@@ -180,7 +180,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
     x cos + rotate_half(x) sin, without materialising the rotated copy."""
     h = x.float()
     h1, h2 = h.chunk(2, dim=-1)
-    if torch.is_grad_enabled() and h.requires_grad:  # training: out= has no gradient
+    if (torch.is_grad_enabled() and h.requires_grad) or torch.compiler.is_compiling():  # no out= (grad, graphs)
         return torch.cat((h1 * cos - h2 * sin, h2 * cos + h1 * sin), dim=-1).to(x.dtype)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -227,11 +227,14 @@ class Attention(nn.Module):
         """Attention of queries (B, H, L, hd) over keys/values (B, Hkv, T, hd), through the output projection."""
         return self.project(self.attention(q, k, v, key_mask))
 
-    def forward(self, x, cos, sin, key_mask, cache: "KVCache | None" = None, layer: int = 0, start=0):
-        q, k, v = self.qkv(x, cos, sin)
+    def mix(self, q, k, v, key_mask, cache: "KVCache | None" = None, layer: int = 0, start=0):
+        """Attention outputs (B, H, L, hd) of queries q over fresh keys/values k, v, or through the cache."""
         if cache is None:
-            return self.attend(q, k, v, key_mask)
+            return self.attention(q, k, v, key_mask)
         return cache.attend(self, layer, q, k, v, start, key_mask)  # through the cached keys/values of the rows
+
+    def forward(self, x, cos, sin, key_mask, cache: "KVCache | None" = None, layer: int = 0, start=0):
+        return self.project(self.mix(*self.qkv(x, cos, sin), key_mask, cache, layer, start))
 
 
 class MLP(nn.Module):
@@ -254,7 +257,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, key_mask, cache=None, layer: int = 0, start=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, cache, layer, start)
+        heads = self.attn.mix(*self.qkv_in(x, cos, sin), key_mask, cache, layer, start)  # (B, H, L, hd)
+        return self.finish(x, heads)
+
+    # The two dense halves of a layer, around its attention (which reads and writes the cache): the parts that
+    # `compile=True` compiles (fastdllm/compiled.py).
+    def qkv_in(self, x, cos, sin):
+        return self.attn.qkv(self.attn_norm(x), cos, sin)
+
+    def finish(self, x, heads):
+        x = x + self.attn.project(heads)
         return x + self.mlp(self.mlp_norm(x))
 
 
