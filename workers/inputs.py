@@ -215,11 +215,48 @@ def _check_pinned(shard, f) -> None:
         raise changed(shard.file, why)
 
 
+def _recheck_pin(shard, storage_options: dict | None) -> None:
+    """After a failed read: ShardDataError when the file is no longer the planned one (gone, or its size or
+    footer changed), else nothing. A file rewritten while a worker reads it fails in arrow with errors that look
+    like storage errors ("Column cannot have more than one dictionary", a short read): only the pin tells a
+    changed input, which is never retried, from a transient storage error, which is."""
+    try:
+        fs, path = filesystem(shard.file, storage_options)
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise changed(shard.file, "it no longer exists") from None
+    except Exception:  # the store is unreachable: the read error stays what it was
+        return
+    with f:
+        _check_pinned(shard, f)
+
+
 def read_shard_rows(shard, columns: list[str], storage_options: dict | None = None) -> pa.Table:
     """A Parquet shard's rows of `columns`, reading only the row groups that overlap it. The file must still be
-    the planned one, and its values must decode: otherwise ShardDataError."""
+    the planned one, and its values must decode: otherwise ShardDataError. Any other error is re-checked against
+    the pin first (see _recheck_pin); only an error on a file that still matches it propagates (the driver
+    retries the shard). The pin is checked again after a read that succeeded: a file rewritten in place after
+    the first check can read "fine" with the new file's rows."""
+    try:
+        table = _read_shard_rows(shard, columns, storage_options)
+    except ShardDataError:
+        raise
+    except Exception:
+        _recheck_pin(shard, storage_options)
+        raise
+    _recheck_pin(shard, storage_options)
+    if table.num_rows != shard.rows:
+        raise changed(shard.file, f"rows [{shard.start}, {shard.stop}) read as {table.num_rows} rows")
+    return table
+
+
+def _read_shard_rows(shard, columns: list[str], storage_options: dict | None) -> pa.Table:
     fs, path = filesystem(shard.file, storage_options)
-    with fs.open(path, "rb") as f:
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise changed(shard.file, "it no longer exists") from None
+    with f:
         _check_pinned(shard, f)
         try:
             pf = pq.ParquetFile(f, pre_buffer=False)  # no background reads: see inspect_parquet
@@ -234,6 +271,7 @@ def read_shard_rows(shard, columns: list[str], storage_options: dict | None = No
                 return pf.schema_arrow.empty_table().select(columns)
             table = pf.read_row_groups(groups, columns=columns, use_threads=False)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            _recheck_pin(shard, storage_options)  # a file rewritten under the reader: changed, not undecodable
             raise ShardDataError(f"input file {shard.file} rows [{shard.start}, {shard.stop}) cannot be decoded "
                                  f"({type(e).__name__}: {e}); fix the input file") from None
     return table.select(columns).slice(shard.start - (first or 0), shard.rows)
