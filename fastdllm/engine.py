@@ -371,17 +371,18 @@ class Engine:
         self.holes = [i for i, _ in done]
         return out
 
-    def _finish(self, r: Live, toks: list[int], reason: str | None = None) -> Finished:
+    def _finish(self, r: Live, toks: list[int]) -> Finished:
         """The output of a finished row: cut before the first stop token, then at max_tokens."""
         q = r.request
         stop = set(q.stop_ids)
         cut = next((k for k, t in enumerate(toks) if t in stop), None) if stop else None
+        reason = "length"
         if cut is not None:
-            toks, reason = toks[:cut], reason or "stop"
+            toks, reason = toks[:cut], "stop"
         if q.max_tokens is not None and len(toks) > q.max_tokens:
             toks, reason = toks[: q.max_tokens], "length"
         text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
-        return Finished(q.id, toks, r.nfe, reason or "length", text, len(q.prompt))
+        return Finished(q.id, toks, r.nfe, reason, text, len(q.prompt))
 
     def _stop_string(self, r: Live, block: list[int]) -> Finished | None:
         """For a row with stop strings: the text of its tokens known final (its completed blocks and the committed

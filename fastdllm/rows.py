@@ -46,7 +46,6 @@ class Live:
     left: int = 0  # masked positions left in that block
     nfe: int = 0  # forwards it took part in
     stopped: bool = False  # a stop token was committed in its generated region
-    final: int = 0  # leading generated positions known final (all committed) — for stop strings
 
 
 class Rows:
