@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import threading
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -336,10 +337,21 @@ def _hub_offline():
         datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = before
 
 
+# One `datasets` open at a time per process: a worker runs two shards in threads (workers.shards_per_actor), and
+# `datasets` is not thread-safe there — its progress bars race on tqdm's class-level lock (seen as "type object
+# 'tqdm' has no attribute '_lock'") and _hub_offline flips process-wide switches.
+_HF_OPEN = threading.Lock()
+
+
 def open_hf(source: InputSource, storage_options: dict | None):
     """The `datasets.Dataset` of a save_to_disk directory (any fsspec URI) or of a hub dataset in the local
     cache, with `source.split` chosen from a DatasetDict (required when it has several splits), and the split's
     name."""
+    with _HF_OPEN:
+        return _open_hf(source, storage_options)
+
+
+def _open_hf(source: InputSource, storage_options: dict | None):
     import datasets
 
     fs, path = _fs(source.uri, storage_options)
