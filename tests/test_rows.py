@@ -296,3 +296,29 @@ def test_jsonl_and_saved_dataset_on_s3(tmp_path, s3):
         reader = InputReader(plan.source, opts)
         got = [r for s in plan.shards for r in reader.read(s, ["prompt"]).to_pylist()]
         assert [r["prompt"] for r in got] == PROMPTS
+
+
+def test_hf_dataset_opens_from_many_threads_at_once(tmp_path):
+    """A worker runs two shards in threads (workers.shards_per_actor): opening one save_to_disk dataset from several
+    threads at once must work every time (datasets races on tqdm's class lock there: huggingface/datasets#7660; it is rare, so this test rarely catches it without the lock)."""
+    import threading
+
+    from fastdllm.workers.inputs import open_hf
+
+    uri = write(tmp_path / "saved", rows(), "hf")
+    errors, n = [], 8
+
+    def opener():
+        try:
+            for _ in range(10):
+                ds, _split = open_hf(InputSource(uri, "hf"), None)
+                assert len(ds) == len(rows())
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=opener) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
