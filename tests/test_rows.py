@@ -300,7 +300,8 @@ def test_jsonl_and_saved_dataset_on_s3(tmp_path, s3):
 
 def test_hf_dataset_opens_from_many_threads_at_once(tmp_path):
     """A worker runs two shards in threads (workers.shards_per_actor): opening one save_to_disk dataset from several
-    threads at once must work every time (datasets races on tqdm's class lock there: huggingface/datasets#7660; it is rare, so this test rarely catches it without the lock)."""
+    threads at once must work every time (datasets races on tqdm's class lock there, huggingface/datasets#7660;
+    the race is rare, so this test seldom catches it without the lock in open_hf)."""
     import threading
 
     from fastdllm.workers.inputs import open_hf
