@@ -144,9 +144,12 @@ def test_request_lines_map_to_settings_or_name_the_field_they_cannot_honour():
 
 def test_batch_table_keeps_every_non_blank_line_in_order():
     data = (json.dumps(chat("a", "1")) + "\n\n  \nnot json\n" + json.dumps(chat(7, "2")) + "\n").encode()
+    data += b'{"custom_id": "b\xff"}\n'
     t = batch_table(data, "mem://x")
-    assert t.column("custom_id").to_pylist() == ["a", None, None]
+    assert t.column("custom_id").to_pylist() == ["a", None, None, None]
     assert t.column("request").to_pylist()[1] == "not json"
+    with pytest.raises(LineError, match="not valid UTF-8 \\(byte 0xff at offset 16\\)"):
+        parse_request(t.column("request")[3].as_py(), None)
 
 
 # -- planning ----------------------------------------------------------------------------------------------------

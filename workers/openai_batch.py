@@ -85,12 +85,14 @@ def batch_table(data: bytes, uri: str) -> pa.Table:
     that is not JSON, or has no string custom_id, still gets its row (with a null custom_id): it is answered
     with an error, not dropped."""
     ids, lines = [], []
-    text = data.decode("utf-8", errors="replace")
-    for line in text.splitlines():
-        if not line.strip():
+    for raw in data.splitlines():
+        if not raw.strip():
             continue
         try:
+            line = raw.decode("utf-8")
             obj = json.loads(line)
+        except UnicodeDecodeError as e:  # kept as text that is not JSON: the line's error says why
+            line, obj = f"\ufffd not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})", None
         except ValueError:
             obj = None
         cid = obj.get("custom_id") if isinstance(obj, dict) else None
@@ -146,6 +148,8 @@ def _content(m, i: int) -> str:
 
 def parse_request(raw: str, custom_id: str | None) -> BatchRequest:
     """A request line as a BatchRequest; LineError (code, message naming the field) when it cannot be answered."""
+    if raw.startswith("\ufffd not valid UTF-8"):  # see batch_table
+        raise LineError("invalid_json", f"the line is{raw[1:]}")
     try:
         obj = json.loads(raw)
     except ValueError as e:
