@@ -128,7 +128,7 @@ def test_request_lines_map_to_settings_or_name_the_field_they_cannot_honour():
         "tools": chat("x", "1", tools=[]), "top_p": text("x", "1", top_p=0.9),
         "response_format": chat("x", "1", response_format={"type": "json_schema"}),
         "frobnicate": chat("x", "1", frobnicate=1), "max_tokens": text("x", "1", max_tokens=0),
-        "temperature": chat("x", "1", temperature=-1), "seed": chat("x", "1", seed=-5), "stop": chat("x", "1", stop=[""]),
+        "temperature": chat("x", "1", temperature=-1), "seed": chat("x", "1", seed=-5), "n": chat("x", "1", n=129), "stop": chat("x", "1", stop=[""]),
         "/v1/embeddings": {"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {}},
         "prompt": text("x", ["a", "b"]), "messages": chat("x", "1") | {"body": {"messages": []}},
     }

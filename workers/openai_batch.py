@@ -32,6 +32,7 @@ URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 COLUMNS = ("custom_id", "request")  # the table planning and workers see for a batch file
 OBJECTS = {"chat": "chat.completion", "completion": "text_completion"}
 ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-"}
+MAX_N = 128
 
 # Body fields the engine honours (mapped below) or that do not change the output (recorded or ignored).
 HONOURED = {"model", "max_tokens", "max_completion_tokens", "temperature", "n", "seed", "stop", "user", "metadata",
@@ -212,6 +213,8 @@ def parse_request(raw: str, custom_id: str | None) -> BatchRequest:
                                            "set one")
     req.max_tokens = mct if mct is not None else mt
     req.n = _int(body, "n", 1) or 1
+    if req.n > MAX_N:
+        raise LineError("invalid_request", f"body.n is {req.n}; at most {MAX_N} choices per request (as the API)")
     req.seed = _int(body, "seed", 0)
     t = body.get("temperature")
     if t is not None:
