@@ -1,4 +1,4 @@
-"""Decoding settings: `DecodeConfig`, the defaults an engine gives every request (docs/DESIGN.md, "Decoding").
+"""Decoding settings: `DecodeConfig`, the defaults an engine gives every request (docs/DESIGN.md, "Decoding semantics").
 
 This module imports nothing else from fastdllm, so the decoding loop, the cache policies and the rules can all
 import it. The names of the cache modes and rules are listed here; their registries (`fastdllm.policies`,

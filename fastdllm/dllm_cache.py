@@ -7,10 +7,11 @@ steps each layer recomputes the values of the response region, compares them wit
 similarity), and recomputes queries, keys, attention and MLP only for the `adaptive_ratio` least similar
 positions of each row; a layer's output is its input plus the cached attention and MLP outputs.
 
-The step counter is per row (the forwards the row took part in), so a row refreshes on its own schedule and its
-result does not depend on its batch or on when it joined. When some rows refresh a region and others do not, the
-region is computed for all rows and each row writes back only what its own schedule allows. The buffers have one
-slot per row in flight; a forward of B rows uses the first B slots (generate() keeps the rows there).
+The step counter is per row (the forwards the row took part in, `Live.nfe`), so a row refreshes on its own
+schedule and its result does not depend on its batch or on when it joined. When some rows refresh a region and
+others do not, the region is computed for all rows and each row writes back only what its own schedule allows. The
+buffers have one slot per row in flight; a forward of B rows uses the first B slots (the engine keeps the rows
+there).
 
 The response region starts at the first generated position, or one earlier for families with a logit shift
 (Dream reads position i's logits from the output at i - 1, so that output belongs with the response).
@@ -25,8 +26,8 @@ from .models.common import DiffusionLM, rope_tables
 
 
 class FeatureCache:
-    """Per-layer feature buffers (one slot per row in flight) for one generate() call and the per-row step
-    counters."""
+    """Per-layer feature buffers, one slot per row in flight. The per-row step counters are the rows' own
+    (`Live.nfe`: the forwards each row took part in), passed to every `forward`."""
 
     def __init__(self, model: DiffusionLM, batch: int, seq_len: int, response_start: int, *, prompt_interval: int,
                  response_interval: int, adaptive_ratio: float):
@@ -39,7 +40,6 @@ class FeatureCache:
         self.mlp = torch.zeros_like(self.attn)  # MLP outputs
         self.r0 = response_start
         self.kp, self.kr, self.ratio = prompt_interval, response_interval, adaptive_ratio
-        self.steps = [0] * B  # forwards each row took part in
 
     def grow(self, seq_len: int):
         """Room for `seq_len` positions: rows stay right-aligned (they and their response region end at T)."""
@@ -53,25 +53,18 @@ class FeatureCache:
             setattr(self, name, new)
         self.r0 += d
 
-    def reset(self, slots: list[int]):
-        """New rows joined in these slots: their first forward computes everything (step 0)."""
-        for i in slots:
-            self.steps[i] = 0
-
-    def move(self, src: torch.Tensor, dst: torch.Tensor, src_host: list[int], dst_host: list[int]):
+    def move(self, src: torch.Tensor, dst: torch.Tensor):
         """Copy slots src into slots dst (compacting the rows in flight)."""
         for buf in (self.k, self.v, self.attn, self.mlp):
             buf.index_copy_(1, dst, buf.index_select(1, src))
-        for a, b in zip(src_host, dst_host):
-            self.steps[b] = self.steps[a]
 
     @torch.inference_mode()
-    def forward(self, model: DiffusionLM, x, positions, key_mask, active: list[bool], lo, hi: int | None,
-                select: torch.Tensor | None = None, first: int = 0):
-        """One decoding step of the rows in the first B slots: aligned logits (B, hi - lo, V) for positions
-        [lo, hi) (or the `select`ed ones, as in `DiffusionLM.output`: lo may be (B,) per-row block starts) and the
-        matmul FLOPs spent. x, positions, key_mask and lo cover the columns [first, T) only (see `Rows.window`):
-        the pad columns before `first` are neither computed nor read."""
+    def forward(self, model: DiffusionLM, x, positions, key_mask, steps: list[int], starts: torch.Tensor,
+                select: torch.Tensor, first: int = 0):
+        """One decoding step of the rows in the first B slots, row b at its step steps[b] (0: its first forward,
+        which computes everything): aligned logits (B, M, V) for positions starts[:, None] + select (as in
+        `DiffusionLM.output`) and the matmul FLOPs spent. x, positions, key_mask and starts cover the columns
+        [first, T) only (see `Rows.window`): the pad columns before `first` are neither computed nor read."""
         c = model.config
         B, T = x.shape
         dev = x.device
@@ -79,10 +72,9 @@ class FeatureCache:
         G = T - r0  # response positions
         kc, vc = (buf[:, :B, :, first:] for buf in (self.k, self.v))  # the rows' slots and columns
         ac, mc = (buf[:, :B, first:] for buf in (self.attn, self.mlp))
-        steps = self.steps[:B]
-        refresh_p = [a and s % self.kp == 0 for a, s in zip(active, steps)]
-        refresh_r = [a and s % self.kr == 0 for a, s in zip(active, steps)]
-        adaptive = [a and not r for a, r in zip(active, refresh_r)]
+        refresh_p = [s % self.kp == 0 for s in steps]
+        refresh_r = [s % self.kr == 0 for s in steps]
+        adaptive = [not r for r in refresh_r]
         n_pick = int(self.ratio * G) if any(adaptive) else 0
         t0 = 0 if any(refresh_p) else r0  # the positions whose residual stream this step carries: [t0, T)
         N, P0 = T - t0, r0 - t0  # carried positions; where the response starts among them
@@ -135,10 +127,8 @@ class FeatureCache:
             _store(mc[li], 1, t0, idx, m, wq)
             h = h + ac[li, :, t0:] + mc[li, :, t0:]
             flops += B * model.forward_flops(nq.shape[1], T, values=full) // c.n_layers
-        self.steps[:B] = [s + a for s, a in zip(steps, active)]
-        n_out = hi - lo if select is None else select.shape[1]
-        flops += B * 2 * n_out * c.d_model * c.vocab_size
-        return model.output(h, t0, lo, hi, select), flops
+        flops += B * 2 * select.shape[1] * c.d_model * c.vocab_size
+        return model.output(h, t0, starts, select), flops
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ class NoCache:
     def forward(self, model, rows, starts, select) -> Step:
         n, w = rows.n, rows.window()
         h = model.hidden(w.x, w.positions, w.key_mask)  # (n, L, d) for the window's L columns
-        logits = model.output(h, 0, starts - w.first, None, select)  # (n, M, V)
+        logits = model.output(h, 0, starts - w.first, select)  # (n, M, V)
         L = w.x.shape[1]
         return Step(logits, [n], n * model.forward_flops(L, L) + _head_flops(model, n, select.shape[1]))
 
@@ -159,7 +159,7 @@ class _KVPolicy:
                     self.pending = (host, part, w.first, defer)
                 cache = self.cache.for_rows(part, first=w.first, defer=defer)
                 h = model.hidden(w.x, w.positions, w.key_mask, cache, 0)
-                hs = model.output_states(h, 0, s, None, sel)  # h: (b, L, d)
+                hs = model.output_states(h, 0, s, sel)  # h: (b, L, d)
                 f = model.forward_flops(L, L)
             else:
                 span_mask = None
@@ -190,7 +190,7 @@ class PrefixCache(_KVPolicy):
         if min(host_starts) != max(host_starts):
             cache.write = torch.arange(q0, L, device=s.device)[None, :] >= (s - self.shift)[:, None]  # (b, L - q0)
         h = model.hidden(w.x[:, q0:], w.positions[:, q0:], w.key_mask, cache, q0)  # (b, L - q0, d)
-        return model.output_states(h, q0, s, None, sel), L - q0
+        return model.output_states(h, q0, s, sel), L - q0
 
 
 class DualCache(_KVPolicy):
@@ -201,7 +201,7 @@ class DualCache(_KVPolicy):
         L = self.bl + self.shift
         q = (s - self.shift)[:, None] + torch.arange(L, device=s.device)  # (b, L) each row's block window
         h = model.hidden(w.x.gather(1, q), w.positions.gather(1, q), w.key_mask, cache, q)  # (b, L, d)
-        return model.output_states(h, s - self.shift, s, None, sel), L
+        return model.output_states(h, s - self.shift, s, sel), L
 
 
 class DllmCache:
@@ -216,11 +216,11 @@ class DllmCache:
                                      adaptive_ratio=cfg.adaptive_ratio)
 
     def admit(self, slots: list[int]) -> None:
-        self.features.reset(slots)
+        pass  # a row's step counter is its nfe, 0 when it joins: its first forward computes everything
 
     def move(self, src: list[int], dst: list[int]) -> None:
         dev = self.features.k.device
-        self.features.move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev), src, dst)
+        self.features.move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
 
     def grow(self, seq_len: int) -> None:
         self.features.grow(seq_len)
@@ -230,8 +230,8 @@ class DllmCache:
 
     def forward(self, model, rows, starts, select) -> Step:
         n, w = rows.n, rows.window()
-        logits, flops = self.features.forward(model, w.x, w.positions, w.key_mask, [True] * n, starts - w.first,
-                                              None, select, w.first)
+        logits, flops = self.features.forward(model, w.x, w.positions, w.key_mask, [r.nfe for r in rows.live],
+                                              starts - w.first, select, w.first)
         return Step(logits, [n], flops)
 
 

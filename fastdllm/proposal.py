@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rules import select
+from .rules import commit_mask
 
 # The proposal works on chunks of rows holding at most this many (position x vocabulary) entries, so its float64
 # temporaries stay bounded (about 32 MiB each) at any batch size and vocabulary (LLaDA: 126k).
@@ -92,7 +92,7 @@ def propose_commit(logits: torch.Tensor, block: torch.Tensor, select_idx: torch.
     candidates = (block == mask_id).gather(1, select_idx)  # (B, M)
     params = {name: _values(getattr(settings, name), dev) for name in ("threshold", "factor", "frechet_margin")}
     quota = torch.tensor(settings.quota, device=dev) if rule == "quota" else 1
-    commit_sel = select(conf, candidates, rule, quota=quota, **params)  # (B, M)
+    commit_sel = commit_mask(conf, candidates, rule, quota=quota, **params)  # (B, M)
     commit = torch.zeros_like(block, dtype=torch.bool).scatter(1, select_idx, commit_sel)  # (B, bl)
     return torch.where(commit, block.scatter(1, select_idx, x0), block)
 

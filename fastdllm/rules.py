@@ -52,7 +52,7 @@ def commit_counts(sorted_conf: torch.Tensor, n_cand: torch.Tensor, rule: str, *,
     return torch.minimum(count.clamp(min=1), n_cand)  # at least one, never more than there are candidates
 
 
-def select(confidence: torch.Tensor, candidates: torch.Tensor, rule: str, **params) -> torch.Tensor:
+def commit_mask(confidence: torch.Tensor, candidates: torch.Tensor, rule: str, **params) -> torch.Tensor:
     """Commit mask (B, L): the rule's count of the most confident candidates in each row."""
     conf = torch.where(candidates, confidence, torch.full_like(confidence, -float("inf")))
     sorted_conf, order = conf.sort(dim=-1, descending=True, stable=True)  # (B, L)

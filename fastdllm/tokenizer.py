@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
-from .models import resolve_source
+from .models import inspect
 
 
 class Tokenizer:
@@ -56,10 +54,7 @@ def load_tokenizer(source, revision: str | None = None, trust_remote_code: bool 
     """The tokenizer stored with a checkpoint (built-in name, directory, or cached hub repo id)."""
     from transformers import AutoTokenizer
 
-    path = resolve_source(source, revision, require_config=False)
-    has_files = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    if not has_files:
-        raise ValueError(f"{path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    path = inspect(source, revision).require_tokenizer()
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()

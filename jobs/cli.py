@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from fastdllm.models import DTYPE_NAMES
 from fastdllm.policies import CACHE_POLICIES
 from fastdllm.rules import RULES
 
@@ -249,7 +250,8 @@ def status(output_uri, options, shards, quick):
 @main.command()
 @click.option("--model", "source", default="tiny", show_default=True, help="Built-in name, checkpoint dir or HF repo id.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
-@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_NAMES),
+              help="auto: bf16 on GPU, fp32 on CPU.")
 @click.option("--gen-length", default=32, show_default=True)
 @click.option("--block-length", default=8, show_default=True)
 @click.option("--steps", default=None, type=int, help="Quota-rule steps (default: gen-length).")

@@ -55,7 +55,6 @@ def check_reachable(address: str | None) -> None:
 @dataclass
 class RaySession:
     started: bool  # True: a local Ray this process started (and stops); False: a joined cluster
-    dashboard_url: str | None = None
 
 
 def connect(address: str | None, *, dashboard: bool = True, log_to_driver: bool = True) -> RaySession:
@@ -77,7 +76,7 @@ def connect(address: str | None, *, dashboard: bool = True, log_to_driver: bool 
     url = getattr(ctx, "dashboard_url", None) or None
     if url:
         log.info("Ray dashboard: http://%s", url.removeprefix("http://"))
-    return RaySession(started=local, dashboard_url=url)
+    return RaySession(started=local)
 
 
 def _need(w: WorkersSpec) -> dict[str, float]:

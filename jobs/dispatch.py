@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from fastdllm.workers import MissingShard, Shard, ShardDataError, ShardRecord, ShardWorker, WorkerSettings
+from fastdllm.workers.output import shard_name
 
 from .cluster import JobInterrupted, describe_cluster, describe_need
 from .manifest import WorkersSpec
@@ -239,7 +240,7 @@ class Dispatcher:
             self.metrics.shard_committed(rec.stats)
         bar.update(rec.stats.rows)
         bar.set_postfix(tok_s=f"{self.out.tokens / (now - self.t0):.1f}", refresh=False)
-        log.debug("shard %05d committed: %d rows, %.1f tokens/s on %s", rec.shard, rec.stats.rows,
+        log.debug("shard %s committed: %d rows, %.1f tokens/s on %s", shard_name(rec.shard), rec.stats.rows,
                   rec.stats.tokens_per_second, rec.worker)
 
     def _handle(self, ref, bar) -> None:

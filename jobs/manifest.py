@@ -54,7 +54,7 @@ class DecodeSpec(BaseModel):
         return {**self.config.to_dict(), "num_samples": self.num_samples}
 
 
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DTYPES = fastdllm.models.DTYPE_NAMES  # defined once, where models are loaded
 
 
 class ModelSpec(_Strict):

@@ -6,23 +6,20 @@ Every problem raises InvalidJob naming the path."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from fastdllm.workers import InputSource, Shard
 from fastdllm.workers.inputs import InputError, Inspected, inspect_hf, inspect_parquet, inspect_text, list_files
-from fastdllm.workers.inputs import resolve_source as resolve_input
+from fastdllm.workers.inputs import resolve_input
 from fastdllm.workers.shard import OUTPUT_COLUMNS
 
 from .manifest import InvalidJob, Manifest
 
 log = logging.getLogger("fastdllm.jobs")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -213,56 +210,23 @@ def make_plan(m: Manifest) -> Plan:
     return Plan(source=source, files=files, shards=shards, fingerprint=h.hexdigest(), keep_columns=keep)
 
 
-def check_model_source(m: Manifest) -> dict:
-    """Fail early (InvalidJob) on a model source that cannot be found; returns its config.json summary.
-    A hub id is checked by fetching config.json only, never the weights."""
-    from fastdllm.models import BUILTIN, read_config, resolve_source
+def check_model_source(m: Manifest) -> None:
+    """Fail early (InvalidJob) on a model source that cannot be found or cannot serve the manifest (no tokenizer,
+    no chat template when asked for one, too few positions). A hub id not in the local cache is checked by fetching
+    its config.json only, never the weights."""
+    from fastdllm.models import inspect
 
     src = m.model.source
     try:
-        if src in BUILTIN or Path(src).expanduser().is_dir():
-            path = resolve_source(src, m.model.revision)
-        elif src.count("/") == 1 and not src.startswith((".", "/", "~")):
-            path = _hub_config_dir(src, m.model.revision)
-        else:
-            path = resolve_source(src, m.model.revision)  # raises the library's message
-        cfg = read_config(Path(path))
-        if Path(src).expanduser().is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
-            raise ValueError(f"model directory {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})")
+        info = inspect(src, m.model.revision, config_only=True)
+        cfg = info.require_config()
+        info.require_tokenizer()
     except (ValueError, OSError) as e:
         raise InvalidJob(f"model.source: {e}") from None
-    local = src in BUILTIN or Path(src).expanduser().is_dir()  # a hub id: only config.json was fetched
-    if m.model.chat_template is True and local and not _has_chat_template(Path(path)):
+    if m.model.chat_template is True and info.chat_template is False:
         raise InvalidJob(f"model.chat_template: the tokenizer of {src} has no chat template; give a Jinja "
                          "template string instead, or set it to false")
     gen = m.decode.config.gen_length
     if gen >= cfg.max_seq_len:  # every prompt would be too long: fail here, not after loading the model everywhere
         raise InvalidJob(f"decode.gen_length is {gen} but model {src} takes {cfg.max_seq_len} positions (prompt + "
                          f"generated); lower decode.gen_length below {cfg.max_seq_len}")
-    return {"family": cfg.family, "max_seq_len": cfg.max_seq_len}
-
-
-def _has_chat_template(path: Path) -> bool:
-    """Whether the tokenizer files in `path` carry a chat template (in tokenizer_config.json, or the
-    chat_template.jinja / chat_template.json files newer transformers write)."""
-    if any((path / f).is_file() for f in ("chat_template.jinja", "chat_template.json")):
-        return True
-    cfg = path / "tokenizer_config.json"
-    try:
-        return bool(json.loads(cfg.read_text()).get("chat_template")) if cfg.is_file() else False
-    except (OSError, ValueError):
-        return False
-
-
-def _hub_config_dir(repo: str, revision: str | None) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo, "config.json", revision=revision, local_files_only=True)).parent
-    except Exception:
-        pass
-    try:
-        return Path(hf_hub_download(repo, "config.json", revision=revision)).parent
-    except Exception as e:
-        raise ValueError(f"model source {repo!r} is not a built-in name, a local directory, or a Hugging Face "
-                         f"repo id that could be found ({type(e).__name__})") from None

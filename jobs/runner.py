@@ -46,14 +46,17 @@ class JobResult:
 
 
 def absolute_uris(m: Manifest) -> Manifest:
-    """The manifest with local input and output paths made absolute, before anything reaches a worker: a worker
-    on another node, or in another working directory, must read and write where the driver looks. URLs stay."""
+    """The manifest with local input, output and model paths made absolute, before anything reaches a worker: a
+    worker on another node, or in another working directory, must read, load and write where the driver looks.
+    URLs, built-in model names and hub repo ids stay."""
 
     def absolute(uri: str) -> str:
         return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
+    source = fastdllm.models.local_path(m.model.source) or m.model.source
     return m.model_copy(update={"input": m.input.model_copy(update={"uri": absolute(m.input.uri)}),
-                                "output": m.output.model_copy(update={"uri": absolute(m.output.uri)})})
+                                "output": m.output.model_copy(update={"uri": absolute(m.output.uri)}),
+                                "model": m.model.model_copy(update={"source": source})})
 
 
 def worker_settings(m: Manifest, plan: Plan) -> WorkerSettings:

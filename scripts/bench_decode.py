@@ -20,20 +20,17 @@ is that of the whole gen length); it keeps slow CPU runs short, and the table sa
 size (rows in flight). On the built-in tiny model (`--model tiny`) the prompts are the task texts; on a random-weight
 shape they are random ids of the same lengths. It reports NFE, row-forwards (rows summed over every forward, counted
 at the model's embedding, so the same for any engine), occupancy = NFE / row-forwards, tokens/s and peak memory
-(CUDA: allocated; CPU: the process's peak RSS so far). The engine is whichever `fastdllm` is imported: run the
-script once more with PYTHONPATH pointing at a checkout of the lock-step engine (e.g. a git worktree of 786f673)
-and `--merge` the JSON files (medians over repeated runs, continuous / lock-step ratios):
+(CUDA: allocated; CPU: the process's peak RSS so far). `--merge` prints the medians of saved JSON files, with the
+ratios to an older engine when some of them were measured by one (the lock-step engine of 786f673 or the
+continuous one of c91e7c2, run from a checkout of that commit):
 
     python scripts/bench_decode.py --workload mixed --model tiny --threads 1 --json cb1.json
-    PYTHONPATH=/path/to/lockstep python scripts/bench_decode.py --workload mixed --model tiny --threads 1 \
-        --json ls1.json
     python scripts/bench_decode.py --merge cb*.json ls*.json
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
 import random
@@ -47,29 +44,13 @@ import torch
 import fastdllm
 from fastdllm.models import from_config
 from fastdllm.models.common import ModelConfig
+from fastdllm.movement import count_movement
+from fastdllm.policies import CACHE_POLICIES
 from fastdllm.rules import RULES
+from fastdllm.tiny_kit import problems
 
-try:
-    from fastdllm.policies import CACHE_POLICIES
-    CACHES = tuple(CACHE_POLICIES)
-except ImportError:  # an engine from before the policy registry (the lock-step one, benchmarked side by side)
-    from fastdllm.decoding import CACHE_MODES as CACHES
-try:
-    from fastdllm.tiny_kit import problems
-except ImportError:  # an engine from before the tiny model's kit
-    from fastdllm.tasks import problems
-CONTINUOUS = "max_batch_size" in inspect.signature(fastdllm.generate).parameters
-ENGINE = ("request engine" if hasattr(fastdllm, "Engine") else "continuous") if CONTINUOUS else "lock-step"
-try:
-    from fastdllm.movement import count_movement
-except ImportError:  # an older engine through PYTHONPATH: count with this checkout's counter (it needs only torch)
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location(
-        "_movement", Path(__file__).resolve().parent.parent / "fastdllm" / "movement.py")
-    _movement = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_movement)
-    count_movement = _movement.count_movement
+CACHES = tuple(CACHE_POLICIES)
+ENGINE = "request engine"  # the label of this engine's rows in the JSON (--merge compares it with older ones)
 
 
 def parse_args(argv=None):
@@ -127,7 +108,7 @@ def build_model(a):
                       n_kv_heads=a.n_kv_heads or a.n_heads, mlp_hidden=a.mlp_hidden or 3 * a.d_model,
                       rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False, tie_embeddings=False,
                       mask_token_id=a.vocab - 1, max_seq_len=8192)
-    dtype = fastdllm.models._dtype(a.dtype, torch.device(a.device))
+    dtype = fastdllm.models.torch_dtype(a.dtype, a.device)
     # std 1/sqrt(d) makes the random model's confidences spread, so the parallel rules commit varied counts
     return from_config(cfg, device=a.device, dtype=dtype, seed=a.seed, std=a.d_model ** -0.5)
 
@@ -169,18 +150,10 @@ def mixed_prompts(model, a) -> list[list[int]]:
 
 
 def decode_all(model, prompts, cfg, batch_size: int, max_blocks=None, compile=False) -> dict:
-    """All prompts with `batch_size` rows in flight: one continuous call, or lock-step batches in input order."""
-    if CONTINUOUS:
-        kw = dict(compile=True) if compile else {}
-        out = fastdllm.generate(model, prompts, cfg, max_batch_size=batch_size, max_blocks=max_blocks, **kw)
-        return dict(nfe=sum(out.nfe), tokens=out.stats["generated_tokens"], forward_passes=out.stats["forward_passes"])
-    total = dict(nfe=0, tokens=0, forward_passes=0)
-    for i in range(0, len(prompts), batch_size):
-        out = fastdllm.generate(model, prompts[i : i + batch_size], cfg, max_blocks=max_blocks)
-        total["nfe"] += sum(out.nfe)
-        total["tokens"] += out.stats["generated_tokens"]
-        total["forward_passes"] += out.stats["forward_passes"]
-    return total
+    """All prompts with `batch_size` rows in flight, in one call."""
+    kw = dict(compile=True) if compile else {}
+    out = fastdllm.generate(model, prompts, cfg, max_batch_size=batch_size, max_blocks=max_blocks, **kw)
+    return dict(nfe=sum(out.nfe), tokens=out.stats["generated_tokens"], forward_passes=out.stats["forward_passes"])
 
 
 def run_mixed(a) -> dict:

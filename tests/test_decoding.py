@@ -91,11 +91,16 @@ def test_cached_forward_is_exact_when_nothing_changed(request, family):
     x[:, 12:16] = torch.tensor([5, 6, 7, 8])  # some committed generated tokens
     pos, km = positions_from_mask(valid), key_mask_from(valid)
     s, e, shift = 16, 24, model.config.logit_shift
+    starts, block = torch.full((2,), s), torch.arange(e - s).expand(2, -1)  # the block [s, e) of each row
+
+    def logits(q0, q1):  # one forward of the queries [q0, q1) through the cache, then the block's logits
+        return model.output(model.hidden(x[:, q0:q1], pos[:, q0:q1], km, cache, q0), q0, starts, block)
+
     with torch.no_grad():
         cache = KVCache.allocate(model.config, 2, T, "cpu", torch.float32)
-        full = model.logits_for(x, pos, km, cache, 0, T, s, e)
-        dual = model.logits_for(x, pos, km, cache, s - shift, e, s, e)
-        prefix = model.logits_for(x, pos, km, cache, s - shift, T, s, e)
+        full = logits(0, T)
+        dual = logits(s - shift, e)
+        prefix = logits(s - shift, T)
         plain = model(x, attention_mask=valid)[:, s:e]
     torch.testing.assert_close(full, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(dual, full, atol=1e-5, rtol=0)

@@ -52,10 +52,11 @@ def test_partial_update_matches_a_direct_computation(llada_tiny):
         valid[b, P - len(p) :] = True
     pos, km = positions_from_mask(valid), key_mask_from(valid)
     fc = FeatureCache(model, B, T, P, prompt_interval=100, response_interval=100, adaptive_ratio=0.25)
-    fc.forward(model, x, pos, km, [True, True], P, P + 8)  # step 0: everything computed
+    starts, block = torch.full((B,), P), torch.arange(8).expand(B, -1)  # logits for [P, P + 8)
+    fc.forward(model, x, pos, km, [0, 0], starts, block)  # step 0: everything computed
     old = {name: getattr(fc, name).clone() for name in ("k", "v", "attn", "mlp")}
     x[:, P : P + 5] = torch.tensor([[7, 8, 9, 10, 11], [40, 41, 42, 43, 44]])  # some tokens got committed
-    logits, _ = fc.forward(model, x, pos, km, [True, True], P, P + 8)  # step 1: adaptive
+    logits, _ = fc.forward(model, x, pos, km, [1, 1], starts, block)  # step 1: adaptive
     n_pick = math.floor(0.25 * G)
     hd, H = c.head_dim, c.n_heads
     for b in range(B):

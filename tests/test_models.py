@@ -103,3 +103,56 @@ def test_hub_repo_id_resolves_through_the_local_cache(tmp_path, monkeypatch):
     _same_weights(model, fastdllm.load_model(REFERENCE / "llada" / "llada-tiny"))
     with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
         fastdllm.load_model("acme/other")
+
+
+def test_inspect_reads_a_checkpoint_without_its_weights(tmp_path, monkeypatch):
+    from fastdllm.models import DTYPE_NAMES, inspect
+
+    info = inspect("tiny")
+    assert (info.kind, info.family, info.tokenizer, info.chat_template) == ("builtin", "llada", True, True)
+    assert info.stored_dtype == "float32" and info.config.max_seq_len == 512
+    ref = inspect(REFERENCE / "dream" / "dream-tiny")  # a checkpoint without tokenizer files
+    assert (ref.kind, ref.family, ref.tokenizer, ref.chat_template) == ("local", "dream", False, False)
+    with pytest.raises(ValueError, match="has no tokenizer files"):
+        fastdllm.load_tokenizer(REFERENCE / "dream" / "dream-tiny")
+    assert DTYPE_NAMES[0] == "auto" and {"float32", "bfloat16", "float16"} <= set(DTYPE_NAMES)
+    # a home-relative directory is a local checkpoint for every reader; a missing one is no hub repo id
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(fastdllm.models.BUILTIN_DIR, tmp_path / "ckpt")
+    assert inspect("~/ckpt").kind == "local" and inspect("~/ckpt").path == tmp_path / "ckpt"
+    assert fastdllm.load_model("~/ckpt").config.n_layers == info.config.n_layers
+    with pytest.raises(ValueError, match="is not a built-in name .* an existing directory"):
+        inspect("~/missing")
+
+
+def test_a_tokenizer_only_directory_has_no_config(tmp_path):
+    from fastdllm.models import inspect
+    from fastdllm.tiny_kit import save_char_tokenizer
+
+    save_char_tokenizer(tmp_path)
+    info = inspect(tmp_path)
+    assert info.config is None and info.tokenizer is True and fastdllm.load_tokenizer(tmp_path).encode("1")
+    with pytest.raises(ValueError, match="has no config.json"):
+        info.require_config()
+
+
+def test_a_cached_config_alone_serves_planning_not_loading(tmp_path, monkeypatch):
+    """Planning fetches a repo's config.json alone; loading then needs the weights, not that partial snapshot."""
+    import huggingface_hub.constants as c
+
+    from fastdllm.models import inspect
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--acme--part"
+    rev = "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    shutil.copy(REFERENCE / "llada" / "llada-tiny" / "config.json", repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    info = inspect("acme/part", config_only=True)
+    assert info.kind == "hub" and info.family == "llada" and info.tokenizer is None and info.chat_template is None
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        fastdllm.load_model("acme/part")

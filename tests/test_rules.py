@@ -1,9 +1,9 @@
-"""The vectorised selection rules against a plain reading of their definitions in DESIGN.md."""
+"""The vectorised selection rules against a plain reading of their definitions in docs/DESIGN.md ("Commit rules")."""
 
 import pytest
 import torch
 
-from fastdllm.rules import quota_schedule, select
+from fastdllm.rules import commit_mask, quota_schedule
 
 
 def reference_count(c, rule, k=1, t=0.9, f=1.0, d=0.25):
@@ -27,7 +27,7 @@ def test_rules_match_their_definitions(rule):
     conf = torch.rand((B, L), generator=g, dtype=torch.float64) ** 0.3  # skewed towards 1: many commits
     cand = torch.rand((B, L), generator=g) < 0.7
     cand[0] = False  # a row with nothing to do commits nothing
-    commit = select(conf, cand, rule, quota=3, threshold=0.9, factor=1.0, frechet_margin=0.25)
+    commit = commit_mask(conf, cand, rule, quota=3, threshold=0.9, factor=1.0, frechet_margin=0.25)
     assert not (commit & ~cand).any()
     for b in range(B):
         c = sorted(conf[b][cand[b]].tolist(), reverse=True)

@@ -95,7 +95,7 @@ def _fs(uri: str, storage_options: dict | None):
         raise InputError(f"cannot open {uri}: {storage_error(e)}") from None
 
 
-def resolve_source(uri: str, fmt: str, config: str | None, split: str | None, storage_options: dict | None
+def resolve_input(uri: str, fmt: str, config: str | None, split: str | None, storage_options: dict | None
                    ) -> InputSource:
     """The InputSource a manifest's input names: format `auto` becomes `hf` for a save_to_disk directory, else
     the format of the files' extensions (all files must agree)."""

@@ -37,6 +37,12 @@ JOB, SUMMARY, LEASE = "job.json", "summary.json", "lease.json"
 READ_BATCH = 32  # files fetched per fs.cat call while scanning (concurrent on object stores, bounded memory)
 
 
+def shard_name(shard: int) -> str:
+    """A shard's name in the layout (NNNNN: shards/NNNNN.<ext>, stats/NNNNN.json, logs/NNNNN-attemptK.txt) and in
+    messages: its index, zero-padded so the files list in shard order."""
+    return f"{shard:05d}"
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -109,7 +115,7 @@ class MissingShard:
     def line(self) -> str:
         verb = {"data": "has bad input", "failed": "failed", "damaged": "is damaged",
                 "not_committed": "is not committed", "not_run": "was not run"}.get(self.kind, self.kind)
-        return f"shard {self.shard:05d} {verb}: {self.why}"
+        return f"shard {shard_name(self.shard)} {verb}: {self.why}"
 
 
 @dataclass
@@ -225,15 +231,15 @@ class JobOutput:
         return f"{self.root}/{rel}"
 
     def shard_file(self, shard: int) -> str:
-        return f"shards/{shard:05d}.{self.ext}"
+        return f"shards/{shard_name(shard)}.{self.ext}"
 
     @staticmethod
     def marker_file(shard: int) -> str:
-        return f"stats/{shard:05d}.json"
+        return f"stats/{shard_name(shard)}.json"
 
     @staticmethod
     def log_file(shard: int, attempt: int) -> str:
-        return f"logs/{shard:05d}-attempt{attempt}.txt"
+        return f"logs/{shard_name(shard)}-attempt{attempt}.txt"
 
     def _rel(self, path: str) -> str:
         return path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
@@ -397,7 +403,8 @@ class JobOutput:
                     damaged[shard] = f"{rel} does not match its recorded checksum (damaged)"
         for shard in sorted(damaged):
             records.pop(shard, None)
-            log.warning("shard %05d in %s is not committed: %s; a run recomputes it", shard, self.uri, damaged[shard])
+            log.warning("shard %s in %s is not committed: %s; a run recomputes it", shard_name(shard), self.uri,
+                        damaged[shard])
         return Scan(committed=records, damaged=damaged)
 
     # -- lease -------------------------------------------------------------------------------------------------

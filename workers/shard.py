@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import fastdllm
 
 from .inputs import InputReader, InputSource, ShardDataError
-from .output import DataFile, JobOutput, ShardRecord, now
+from .output import DataFile, JobOutput, ShardRecord, now, shard_name
 from .stats import ShardStats
 
 log = logging.getLogger("fastdllm.workers")
@@ -71,7 +71,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"{self.index:05d}"
+        return shard_name(self.index)
 
 
 @dataclass
@@ -233,9 +233,6 @@ class ShardWorker:
         and for growing the allocator's pools to a batch's KV caches and activations."""
         ids = self.tok.encode("0") or [0]
         fastdllm.generate(self.model, [ids] * self.s.batch_size, self.cfg)
-
-    def ready(self) -> str:
-        return self.name
 
     def _prompt_text(self, value) -> tuple[str | None, str | None]:
         """(the text the model gets, None) for a usable prompt or conversation, else (None, why)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,39 +24,132 @@ BUILTIN = {"tiny": BUILTIN_DIR}
 # Dream/Qwen: <|im_end|>, <|endoftext|>); added to the stop ids when the checkpoint's tokenizer defines them.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|endoftext|>", "<|im_end|>", "<|eos|>")
 
-__all__ = ["DiffusionLM", "KVCache", "ModelConfig", "load_model", "save_checkpoint", "resolve_source", "from_config"]
+# The dtype names a model may be loaded in (model.dtype in a job manifest, --dtype in the CLI): "auto" (bf16 on
+# CUDA, fp32 elsewhere) or one of these.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DTYPE_NAMES = ("auto", *DTYPES)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # what a hub checkpoint download fetches
+
+__all__ = ["DiffusionLM", "KVCache", "ModelConfig", "CheckpointInfo", "DTYPE_NAMES", "inspect", "load_model",
+           "save_checkpoint", "from_config"]
 
 
-def resolve_source(source: str | os.PathLike, revision: str | None = None, require_config: bool = True) -> Path:
-    """A checkpoint directory for a built-in name, a local directory, or a Hugging Face repo id in the local cache."""
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a model source is, as far as it can be known without loading weights (see `inspect`)."""
+
+    source: str  # as given
+    kind: str  # builtin | local | hub
+    path: Path  # the checkpoint directory (hub: the cached snapshot, or where config.json alone was fetched)
+    config: ModelConfig | None  # from config.json (None: the directory has none, e.g. a tokenizer-only one)
+    tokenizer: bool | None  # tokenizer files present (None: not known, a hub id whose files were not fetched)
+    chat_template: bool | None  # the tokenizer carries a chat template (None: not known)
+    stored_dtype: str | None = None  # config.json's torch_dtype, the dtype the weights are stored in
+
+    @property
+    def family(self) -> str | None:
+        return self.config.family if self.config else None
+
+    def require_config(self) -> ModelConfig:
+        if self.config is None:
+            raise ValueError(f"model directory {self.path} has no config.json; point model.source at a Hugging "
+                             "Face checkpoint")
+        return self.config
+
+    def require_tokenizer(self) -> Path:
+        if self.tokenizer is False:
+            raise ValueError(f"model directory {self.path} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})")
+        return self.path
+
+
+def source_kind(source: str | os.PathLike) -> str | None:
+    """builtin, local (an existing directory, `~` expanded), hub (owner/name) or None (none of them): the one rule
+    every reader of a model source follows."""
     s = str(source)
     if s in BUILTIN:
-        return BUILTIN[s]
-    p = Path(s).expanduser()
-    if p.is_dir():
-        if require_config and not (p / "config.json").is_file():
-            raise ValueError(f"model directory {p} has no config.json; point model.source at a Hugging Face checkpoint")
-        return p
-    if "/" in s and not s.startswith((".", "/")) and s.count("/") == 1:
-        from huggingface_hub import snapshot_download
+        return "builtin"
+    if Path(s).expanduser().is_dir():
+        return "local"
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")) and all(s.split("/")):
+        return "hub"
+    return None
 
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-        try:
-            return Path(snapshot_download(s, revision=revision, allow_patterns=patterns, local_files_only=True))
-        except Exception:
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-                raise ValueError(f"model source {s!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
-            try:
-                return Path(snapshot_download(s, revision=revision, allow_patterns=patterns))
-            except Exception as e:
-                raise ValueError(
-                    f"model source {s!r} is not a built-in name ({', '.join(BUILTIN)}), a local directory, or a "
-                    f"Hugging Face repo id that could be found ({type(e).__name__})"
-                ) from None
-    raise ValueError(
-        f"model source {s!r} is not a built-in name ({', '.join(BUILTIN)}), an existing directory, "
-        "or a Hugging Face repo id (owner/name)"
-    )
+
+def local_path(source: str | os.PathLike) -> str | None:
+    """The absolute path of a local directory source (None for a built-in name or a repo id): what a job sends
+    to workers, whose working directory may differ from the driver's."""
+    if source_kind(source) != "local":
+        return None
+    return os.path.abspath(os.path.expanduser(str(source)))
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE read as huggingface_hub reads it (1 / ON / YES / TRUE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _has_weights(path: Path) -> bool:
+    return (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
+
+
+def _hub_dir(repo: str, revision: str | None, config_only: bool) -> tuple[Path, bool]:
+    """(directory, complete) for a repo id: the local cache first; then, unless HF_HUB_OFFLINE is set, the hub
+    (config.json alone with config_only, else the checkpoint's files). complete: the weights are there."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        if config_only or _has_weights(path):  # a snapshot may hold only the config.json planning fetched
+            return path, _has_weights(path)
+    except Exception:
+        pass
+    if hub_offline():
+        raise ValueError(f"model source {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    try:
+        if config_only:
+            return Path(hf_hub_download(repo, "config.json", revision=revision)).parent, False
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS)), True
+    except Exception as e:
+        raise ValueError(f"model source {repo!r} is not a built-in name ({', '.join(BUILTIN)}), a local directory, "
+                         f"or a Hugging Face repo id that could be found ({type(e).__name__})") from None
+
+
+def has_chat_template(path: Path) -> bool:
+    """Whether the tokenizer files in `path` carry a chat template (in tokenizer_config.json, or the
+    chat_template.jinja / chat_template.json files newer transformers write)."""
+    if any((path / f).is_file() for f in ("chat_template.jinja", "chat_template.json")):
+        return True
+    cfg = path / "tokenizer_config.json"
+    try:
+        return bool(json.loads(cfg.read_text()).get("chat_template")) if cfg.is_file() else False
+    except (OSError, ValueError):
+        return False
+
+
+def inspect(source: str | os.PathLike, revision: str | None = None, *, config_only: bool = False) -> CheckpointInfo:
+    """Find a checkpoint (a built-in name, a local directory, or a Hugging Face repo id: the local cache first) and
+    read what it is from its files, without its weights. config_only: for a repo id not in the cache, fetch
+    config.json alone (planning), not the whole checkpoint. ValueError, saying what to change, when it cannot be
+    found or its config.json names an unsupported family."""
+    s = str(source)
+    kind = source_kind(s)
+    if kind is None:
+        raise ValueError(f"model source {s!r} is not a built-in name ({', '.join(BUILTIN)}), an existing directory, "
+                         "or a Hugging Face repo id (owner/name)")
+    if kind == "builtin":
+        path, known = BUILTIN[s], True
+    elif kind == "local":
+        path, known = Path(s).expanduser(), True
+    else:
+        path, known = _hub_dir(s, revision, config_only)
+    has_config = (path / "config.json").is_file()
+    cfg = read_config(path) if has_config else None
+    stored = json.loads((path / "config.json").read_text()).get("torch_dtype") if has_config else None
+    tok = any((path / f).is_file() for f in TOKENIZER_FILES) if known else None
+    return CheckpointInfo(source=s, kind=kind, path=path, config=cfg, tokenizer=tok,
+                          chat_template=has_chat_template(path) if known else None, stored_dtype=stored)
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -87,16 +181,16 @@ def _stop_ids(path: Path, config: dict) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _dtype(dtype, device: torch.device) -> torch.dtype:
+def torch_dtype(dtype, device) -> torch.dtype:
+    """The torch dtype for a name in DTYPE_NAMES (or a torch.dtype) on `device`; None / auto: bf16 on CUDA, else
+    fp32."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(names)}")
-    return names[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    return DTYPES[dtype]
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
@@ -142,10 +236,10 @@ def load_model(source, device="cpu", dtype=None, revision: str | None = None) ->
     """Load a LLaDA or Dream checkpoint (the family comes from config.json's model_type)."""
     from safetensors import safe_open
 
-    path = resolve_source(source, revision)
-    cfg = read_config(path)
+    info = inspect(source, revision)
+    path, cfg = info.path, info.require_config()
     device = torch.device(device)
-    dt = _dtype(dtype, device)
+    dt = torch_dtype(dtype, device)
     family = FAMILIES[cfg.hf_config["model_type"]]
     with torch.device("meta"):
         model = DiffusionLM(cfg)
@@ -168,7 +262,6 @@ def load_model(source, device="cpu", dtype=None, revision: str | None = None) ->
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    model.source = str(source)
     return model.eval().requires_grad_(False)
 
 

@@ -10,7 +10,6 @@ cached sequence, which is exactly what the refresh, prefix and dual steps of cac
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -270,14 +269,6 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def block_positions(lo, hi: int | None, select: torch.Tensor | None, batch: int, device) -> torch.Tensor:
-    """Absolute positions (B, M) a step reads logits for: the block [lo, hi), or its `select`ed entries (select
-    (B, M) indices into the block; lo then may be a (B,) tensor of per-row block starts)."""
-    if select is None:
-        return torch.arange(lo, hi, device=device).expand(batch, -1)
-    return select + (lo[:, None] if isinstance(lo, torch.Tensor) else lo)
-
-
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """RoPE positions counting from each row's first real token (pads get 0; they are never attended to)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -332,50 +323,36 @@ class DiffusionLM(nn.Module):
             x = layer(x, cos, sin, key_mask, cache, i, start)
         return x
 
-    def output(self, h: torch.Tensor, h_start, lo, hi: int | None = None,
-               select: torch.Tensor | None = None) -> torch.Tensor:
-        """Aligned logits for positions [lo, hi) from final hidden states h (B, L, d) of positions
-        [h_start, h_start + L), applying the family's logit shift (position 0 keeps its own output); with
-        `select` (B, M), indices into [lo, hi), only those rows go through the norm and output projection.
-        Per row (continuous batching): h_start and lo may be (B,) tensors; `select` is then required."""
-        return self.project(self.output_states(h, h_start, lo, hi, select))
+    def output(self, h: torch.Tensor, h_start, starts: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """Aligned logits (B, M, V) for positions starts[:, None] + select (starts (B,) per-row block starts, select
+        (B, M) indices into each block), from final hidden states h (B, L, d) of the positions [h_start, h_start + L)
+        (h_start an int or a (B,) tensor), applying the family's logit shift (position 0 keeps its own output).
+        Only those M rows per row go through the final norm and the (large) output projection."""
+        return self.project(self.output_states(h, h_start, starts, select))
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (B, M, V) from final hidden states (B, M, d): the final norm and the output projection."""
         return self.lm_head(self.norm(h))
 
-    def output_states(self, h: torch.Tensor, h_start, lo, hi: int | None = None,
-                      select: torch.Tensor | None = None) -> torch.Tensor:
+    def output_states(self, h: torch.Tensor, h_start, starts: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
         """The hidden states (B, M, d) `output` projects (so forwards of different rows can share one projection)."""
-        if isinstance(lo, int) and isinstance(h_start, int) and lo - self.config.logit_shift < h_start \
-                and (lo or h_start):
-            raise ValueError(f"hidden states from position {h_start} do not cover logits for [{lo}, {hi})")
-        pos = block_positions(lo, hi, select, h.shape[0], h.device)  # (B, M)
+        pos = starts[:, None] + select  # (B, M) absolute positions
         raw = (pos - self.config.logit_shift).clamp_min(0)  # the output each position reads
         raw = raw - (h_start[:, None] if isinstance(h_start, torch.Tensor) else h_start)
         return h.gather(1, raw[..., None].expand(-1, -1, h.shape[-1]))  # (B, M, d)
 
-    def logits_for(self, x, positions, key_mask, cache, q_start: int, q_end: int, lo: int, hi: int,
-                   select: torch.Tensor | None = None):
-        """Aligned logits (B, hi - lo, V) for positions [lo, hi), from one forward of the queries [q_start, q_end).
-
-        x and positions are the whole sequence (B, T). The query range must cover the raw outputs that positions
-        [lo, hi) read: [lo - shift, hi - shift) for a family with a logit shift (position 0 keeps its own).
-        Only the needed rows go through the final norm and the (large) output projection: with `select` (B, M),
-        indices into [lo, hi), only those M per row (logits (B, M, V)).
-        """
-        h = self.hidden(x[:, q_start:q_end], positions[:, q_start:q_end], key_mask, cache, q_start)
-        return self.output(h, q_start, lo, hi, select)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V); logits[:, i] is what decoding uses for position i. Rows may be left-padded."""
         B, L = input_ids.shape
+        dev = input_ids.device
         if attention_mask is None:
-            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+            positions = torch.arange(L, device=dev).expand(B, L)
         else:
-            attention_mask = attention_mask.to(input_ids.device)
+            attention_mask = attention_mask.to(dev)
             positions = positions_from_mask(attention_mask)
-        return self.logits_for(input_ids, positions, key_mask_from(attention_mask), None, 0, L, 0, L)
+        h = self.hidden(input_ids, positions, key_mask_from(attention_mask))  # (B, L, d)
+        every = torch.arange(L, device=dev).expand(B, L)
+        return self.output(h, 0, torch.zeros(B, dtype=torch.long, device=dev), every)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -390,6 +367,3 @@ class DiffusionLM(nn.Module):
         mlp = 2 * 3 * n_queries * c.d_model * c.mlp_hidden
         return c.n_layers * (proj + attn + mlp)
 
-
-def default_std(cfg: ModelConfig) -> float:
-    return 1.0 / math.sqrt(cfg.d_model)
