@@ -139,7 +139,7 @@ class StructuredOutputs:
         """The constraint as an llguidance grammar (JSON text)."""
         M = _llg().LLMatcher
         if self.json is not None:
-            schema = {"type": "object"} if self.json is True else self.json
+            schema = {"type": "object"} if self.json is True else _closed(self.json)
             # compact JSON (no free whitespace: a model could pad forever); a schema's x-guidance may say otherwise
             return M.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         if self.regex is not None:
@@ -147,6 +147,28 @@ class StructuredOutputs:
         if self.choice is not None:
             return M.grammar_from_lark("start: " + " | ".join(_json.dumps(c) for c in self.choice))
         return M.grammar_from_lark(self.grammar)
+
+
+def _closed(schema):
+    """The schema with every object that lists properties and says nothing of others closed to them
+    (additionalProperties false, as xgrammar's strict mode and OpenAI's strict schemas): the output carries only the
+    declared keys, and stays valid for the schema as given."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) if k in _SUBSCHEMAS else v for k, v in schema.items()}
+    for k in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
+        if isinstance(schema.get(k), dict):
+            out[k] = {name: _closed(s) for name, s in schema[k].items()}
+    if "properties" in schema and not {"additionalProperties", "patternProperties",
+                                       "unevaluatedProperties"} & set(schema):
+        out["additionalProperties"] = False
+    return out
+
+
+_SUBSCHEMAS = ("items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "if", "then", "else", "contains",
+               "additionalProperties", "additionalItems")
 
 
 def llg_tokenizer(hf_tokenizer, vocab_size: int, eos: list[int]):
