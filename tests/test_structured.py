@@ -137,7 +137,7 @@ def test_bad_constraints_are_clear_errors(tiny):
         eng.add(Request([5], structured=StructuredOutputs(regex="[0-9")))
     with pytest.raises(ValueError, match="exactly one"):
         eng.add(Request([5], structured={}))
-    with pytest.raises(ValueError, match="need a stop token"):
+    with pytest.raises(ValueError, match="needs a stop token"):
         eng.add(Request([5], structured={"regex": "a"}, stop_token_ids=[]))
     with pytest.raises(ValueError, match="engine's tokenizer"):
         Engine(model, tiny_kit.decode_config(), max_batch_size=2).add(Request([5], structured={"regex": "a"}))
