@@ -135,6 +135,13 @@ class StructuredOutputs:
                              "keep one")
         return found[0][1] if found else None
 
+    def check(self) -> None:
+        """Raise ValueError (one line) when llguidance cannot read the constraint (a bad regex, schema or grammar),
+        ImportError when llguidance is not installed."""
+        err = _llg().LLMatcher.validate_grammar(self.llg_grammar())
+        if err:
+            raise ValueError(f"structured {self.kind} is not usable: {_first_line(err)}")
+
     def llg_grammar(self) -> str:
         """The constraint as an llguidance grammar (JSON text)."""
         M = _llg().LLMatcher
@@ -147,6 +154,10 @@ class StructuredOutputs:
         if self.choice is not None:
             return M.grammar_from_lark("start: " + " | ".join(_json.dumps(c) for c in self.choice))
         return M.grammar_from_lark(self.grammar)
+
+
+def _first_line(err: str) -> str:
+    return next((line.strip() for line in err.splitlines() if line.strip()), "unknown error")
 
 
 def _closed(schema):
@@ -210,7 +221,7 @@ class RowConstraint:
         self.spec, self.stop_ids, self.mask_id = spec, stop_ids, mask_id
         self.m = llg.LLMatcher(tokenizer, spec.llg_grammar(), log_level=0)
         if self.m.is_error():
-            raise ValueError(f"structured {spec.kind} is not usable: {self.m.get_error().strip().splitlines()[0]}")
+            raise ValueError(f"structured {spec.kind} is not usable: {_first_line(self.m.get_error())}")
         self.V = tokenizer.vocab_size
         self.words = (self.V + 31) // 32
         self.llg_eos = set(tokenizer.eos_tokens)

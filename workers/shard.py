@@ -88,6 +88,7 @@ class WorkerSettings:
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()  # input columns copied to the output
     num_samples: int = 1
+    structured: fastdllm.StructuredOutputs | None = None  # every row's output constraint
     output_format: str = "parquet"
     model_revision: str | None = None
     dtype: str = "auto"
@@ -332,7 +333,8 @@ class ShardWorker:
         reasons = ["error"] * len(completion_ids)
         t0 = time.perf_counter()
         if todo:  # a finished row's slot goes to the next prompt at once, of this shard or the next one
-            requests = [fastdllm.Request(encoded[i], row_id=seed_id(ids[i], k)) for _, i, k in todo]
+            requests = [fastdllm.Request(encoded[i], row_id=seed_id(ids[i], k), structured=self.s.structured)
+                        for _, i, k in todo]
             for (_, i, k), f in zip(todo, self.engine().run(requests, counters)):
                 completion_ids[i * ns + k], nfe[i * ns + k], reasons[i * ns + k] = f.tokens, f.nfe, f.finish_reason
         counters.decode_seconds = time.perf_counter() - t0

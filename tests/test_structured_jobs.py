@@ -1,0 +1,49 @@
+"""A job-level constraint (decode.structured_outputs) through a real local Ray job on Parquet files."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fastdllm import StructuredOutputs
+from fastdllm.jobs import InvalidJob, parse_manifest, run_job
+from .conftest import own_local_ray
+
+DECODE = {"gen_length": 16, "block_length": 8, "steps": 16, "rule": "threshold", "cache": "dual"}
+
+
+def manifest(tmp_path, structured) -> dict:
+    return {"name": "s", "model": {"source": "tiny"},
+            "input": {"uri": str(tmp_path / "in.parquet"), "id_column": "id", "rows_per_shard": 4},
+            "output": {"uri": str(tmp_path / "out")},
+            "decode": {**DECODE, "structured_outputs": structured}, "workers": {"count": 1, "batch_size": 4}}
+
+
+def test_manifest_constraint_is_validated_and_part_of_the_identity(tmp_path):
+    m = parse_manifest(manifest(tmp_path, {"choice": ["yes", "no"]}))
+    assert m.decode.structured_outputs == StructuredOutputs(choice=["yes", "no"])
+    assert m.decode.model_dump()["structured_outputs"] == {"choice": ["yes", "no"]}
+    free = dict(manifest(tmp_path, None))
+    free["decode"] = DECODE
+    assert "structured_outputs" not in parse_manifest(free).decode.model_dump()  # old jobs keep their identity
+    for bad, match in [({"regex": "[0-9"}, "regex is not usable"), ({"regexp": "a"}, "unknown key"),
+                       ({"regex": "a", "choice": ["a"]}, "exactly one")]:
+        with pytest.raises(InvalidJob, match=match):
+            parse_manifest(manifest(tmp_path, bad))
+
+
+def test_job_outputs_follow_the_constraint(tmp_path):
+    prompts = [f"{a}+{b}=" for a, b in [(12, 30), (7, 8), (305, 99), (41, 1), (999, 1), (60, 6)]]
+    pq.write_table(pa.table({"id": list(range(len(prompts))), "prompt": prompts}), tmp_path / "in.parquet")
+    schema = {"type": "object", "properties": {"sum": {"type": "integer", "maximum": 99999}}, "required": ["sum"]}
+    with own_local_ray() as address:
+        assert run_job(parse_manifest(manifest(tmp_path, {"json": schema})), address=address).ok
+    rows = [r for p in sorted((tmp_path / "out" / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["id"] for r in rows) == list(range(len(prompts)))
+    assert all(r["finish_reason"] == "stop" and re.fullmatch(r'\{"sum":(0|[1-9][0-9]*)\}', r["completion"])
+               for r in rows), rows
+    assert all(json.loads(r["completion"])["sum"] <= 99999 for r in rows)
