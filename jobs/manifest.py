@@ -32,6 +32,7 @@ class DecodeSpec(BaseModel):
     config: fastdllm.DecodeConfig
     num_samples: int = Field(1, ge=1)
     structured_outputs: fastdllm.StructuredOutputs | None = None
+    structured_column: str | None = None  # structured_outputs: {column: NAME}: each row's constraint from NAME
 
     @model_validator(mode="before")
     @classmethod
@@ -40,13 +41,19 @@ class DecodeSpec(BaseModel):
             v = dict(v)
             n = v.pop("num_samples", 1)
             so = v.pop("structured_outputs", None)
+            column = None
+            if isinstance(so, dict) and "column" in so:
+                column, so = so.pop("column"), (so or None)
+                if not isinstance(column, str) or not column or so:
+                    raise ValueError("structured_outputs {column: NAME} takes one column name and nothing else")
             if so is not None:
                 try:
                     so = fastdllm.StructuredOutputs.from_dict(so)
                     so.check()  # the grammar engine is installed and reads the constraint
                 except ImportError as e:
                     raise ValueError(str(e)) from None
-            return {"config": fastdllm.DecodeConfig.from_dict(v), "num_samples": n, "structured_outputs": so}
+            return {"config": fastdllm.DecodeConfig.from_dict(v), "num_samples": n, "structured_outputs": so,
+                    "structured_column": column}
         return v
 
     @model_validator(mode="after")
@@ -64,6 +71,8 @@ class DecodeSpec(BaseModel):
         out = {**self.config.to_dict(), "num_samples": self.num_samples}
         if self.structured_outputs is not None:
             out["structured_outputs"] = self.structured_outputs.to_dict()
+        if self.structured_column is not None:
+            out["structured_outputs"] = {"column": self.structured_column}
         return out
 
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import fastdllm
 from fastdllm import StructuredOutputs
 from fastdllm.jobs import InvalidJob, parse_manifest, run_job
 from .conftest import own_local_ray
@@ -40,10 +41,30 @@ def test_job_outputs_follow_the_constraint(tmp_path):
     prompts = [f"{a}+{b}=" for a, b in [(12, 30), (7, 8), (305, 99), (41, 1), (999, 1), (60, 6)]]
     pq.write_table(pa.table({"id": list(range(len(prompts))), "prompt": prompts}), tmp_path / "in.parquet")
     schema = {"type": "object", "properties": {"sum": {"type": "integer", "maximum": 99999}}, "required": ["sum"]}
+    per_row = [json.dumps({"regex": "[0-9]+"}), json.dumps({"choice": ["yes", "no"]}), None,
+               json.dumps({"regex": "[0-9"}), json.dumps({"json": schema}), "{not json"]
+    pq.write_table(pa.table({"id": list(range(len(prompts))), "prompt": prompts, "c": per_row}),
+                   tmp_path / "cols.parquet")
+    by_column = manifest(tmp_path, {"column": "c"})
+    by_column["input"]["uri"], by_column["output"]["uri"] = str(tmp_path / "cols.parquet"), str(tmp_path / "out2")
     with own_local_ray() as address:
         assert run_job(parse_manifest(manifest(tmp_path, {"json": schema})), address=address).ok
-    rows = [r for p in sorted((tmp_path / "out" / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    assert sorted(r["id"] for r in rows) == list(range(len(prompts)))
+        run_job(parse_manifest(by_column), address=address)
+
+    def rows(out):
+        return sorted((r for p in (tmp_path / out / "shards").glob("*.parquet") for r in pq.read_table(p).to_pylist()),
+                      key=lambda r: r["id"])
+
+    job = rows("out")
+    assert [r["id"] for r in job] == list(range(len(prompts)))
     assert all(r["finish_reason"] == "stop" and re.fullmatch(r'\{"sum":(0|[1-9][0-9]*)\}', r["completion"])
-               for r in rows), rows
-    assert all(json.loads(r["completion"])["sum"] <= 99999 for r in rows)
+               for r in job), job
+    assert all(json.loads(r["completion"])["sum"] <= 99999 for r in job)
+    col = rows("out2")
+    assert re.fullmatch("[0-9]+", col[0]["completion"]) and col[1]["completion"] in ("yes", "no")
+    model, tok = fastdllm.load_model("tiny"), fastdllm.load_tokenizer("tiny")  # a null constraint: a free row
+    free = fastdllm.generate(model, [tok.encode(prompts[2])], fastdllm.DecodeConfig(**DECODE))
+    assert col[2]["error"] is None and col[2]["completion_ids"] == free.tokens[0]
+    assert "regex is not usable" in col[3]["error"] and col[3]["finish_reason"] == "error"
+    assert json.loads(col[4]["completion"]).keys() == {"sum"}
+    assert "structured_outputs column 'c'" in col[5]["error"]
