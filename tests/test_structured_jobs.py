@@ -68,3 +68,26 @@ def test_job_outputs_follow_the_constraint(tmp_path):
     assert "regex is not usable" in col[3]["error"] and col[3]["finish_reason"] == "error"
     assert json.loads(col[4]["completion"]).keys() == {"sum"}
     assert "structured_outputs column 'c'" in col[5]["error"]
+
+
+def test_worker_takes_each_rows_constraint_from_its_column(tmp_path):
+    """The shard worker alone (as the Ray actor runs it): per-row constraints, a null one decodes free, bad ones
+    become error rows and the rest of the shard goes on."""
+    from fastdllm.workers.shard import Shard, ShardWorker, WorkerSettings
+
+    prompts = ["12+30=", "7+8=", "41+1=", "305+99=", "sort:9182="]
+    per_row = [json.dumps({"regex": "[0-9]+"}), json.dumps({"choice": ["yes", "no"]}), None,
+               json.dumps({"json": {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}}),
+               json.dumps({"grammar": "start: ("})]
+    pq.write_table(pa.table({"prompt": prompts, "c": per_row}), tmp_path / "p.parquet")
+    decode = fastdllm.DecodeConfig(**DECODE)
+    w = ShardWorker(WorkerSettings(model_source="tiny", decode=decode, output_uri=str(tmp_path / "out"),
+                                   batch_size=3, structured_column="c"))
+    w.run_shard(Shard(index=0, file=str(tmp_path / "p.parquet"), relpath="p.parquet", start=0, stop=len(prompts)))
+    rows = pq.read_table(next((tmp_path / "out" / "shards").glob("*.parquet"))).to_pylist()
+    assert re.fullmatch("[0-9]+", rows[0]["completion"]) and rows[1]["completion"] in ("yes", "no")
+    model, tok = fastdllm.load_model("tiny"), fastdllm.load_tokenizer("tiny")
+    assert rows[2]["completion_ids"] == fastdllm.generate(model, [tok.encode(prompts[2])], decode).tokens[0]
+    assert json.loads(rows[3]["completion"]) in ({"n": 1}, {"n": 2})
+    assert rows[4]["finish_reason"] == "error" and "grammar is not usable" in rows[4]["error"]
+    assert all(r["error"] is None for r in rows[:4])
