@@ -64,11 +64,19 @@ def run(manifest, overrides, address, force, progress, dashboard, verbose):
         code = e.exit_code if isinstance(e, JobInterrupted) else 130
         click.echo(f"stopped by {e or 'SIGINT'}; rerun the same command to resume", err=True)
         sys.exit(code)
+    _report(result)
+
+
+def _report(result) -> None:
+    """The run's one-line summary on stdout; what is missing or wrong on stderr, then exit 1 or the signal's code
+    (returns when the run is ok: exit 0)."""
     s = result.summary
     t = s.totals
     click.echo(f"{s.committed}/{s.shards} shards committed in {result.output_uri}: {t.rows} rows "
                f"({t.error_rows} bad), {t.generated_tokens} tokens; this run {s.run.shards_run} shards "
                f"at {s.run.tokens_per_second:.1f} tokens/s")
+    if t.error_rows:
+        click.echo(f"bad rows by reason: {_commonest(t)}")
     if result.interrupted:
         click.echo(f"stopped by {result.interrupted}: {len(s.missing)} of {s.shards} shards not committed; rerun "
                    "the same command to resume", err=True)
@@ -85,6 +93,95 @@ def run(manifest, overrides, address, force, progress, dashboard, verbose):
                     else "rerun the same command to compute them")
             click.echo(f"incomplete: {len(s.missing)} of {s.shards} shards missing; {todo}", err=True)
         sys.exit(1)
+
+
+def _commonest(t) -> str:
+    return "; ".join(f"{why} ({k})" for why, k in t.commonest_errors(5))
+
+
+def _storage_options(options) -> dict:
+    """-o KEY=VALUE items as fsspec options (InvalidJob for a malformed item or an inline secret)."""
+    opts = {}
+    for item in options:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise InvalidJob(f"--storage-option {item!r} is not KEY=VALUE")
+        refuse_inline_secret("-o", k, v)
+        opts[k] = v
+    return opts
+
+
+BATCH_EXAMPLE = """\b
+Example (the built-in tiny model; every line of in.jsonl is one request):
+  {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+   "body": {"model": "tiny", "messages": [{"role": "user", "content": "12+34="}], "max_tokens": 16}}
+  $ fastdllm run-batch -i in.jsonl -o out.jsonl --model tiny
+Rerunning the same command resumes from OUT.work/ (or --work-dir)."""
+
+
+@main.command("run-batch", epilog=BATCH_EXAMPLE)
+@click.option("-i", "--input", "input_uri", required=True, help="OpenAI Batch API request file (JSONL; any fsspec URI).")
+@click.option("-o", "--output", "output_uri", required=True, help="Answer file to write (JSONL; any fsspec URI).")
+@click.option("--model", "source", required=True, help="Built-in name (tiny), checkpoint dir or HF repo id. A line's "
+                                                       "body.model is recorded, not used to pick a model.")
+@click.option("--work-dir", default=None, help="The job's shards and markers (default: OUT.work); rerun to resume.")
+@click.option("--gen-length", type=int, default=None, help="Generated length of lines without max_tokens "
+                                                           "(default: 32 for tiny, else 256).")
+@click.option("--block-length", type=int, default=None, help="Block length (default: 8 for tiny, else 32).")
+@click.option("--steps", type=int, default=None, help="Quota-rule steps (default: gen-length).")
+@click.option("--cache", default=None, type=click.Choice(list(CACHE_POLICIES)), help="Cache mode (default: dual).")
+@click.option("--rule", default=None, type=click.Choice(RULES), help="Commit rule (default: threshold).")
+@click.option("--threshold", type=float, default=None, help="Threshold rule's confidence (default: 0.9).")
+@click.option("--temperature", type=float, default=None, help="For lines without one (default: 0, greedy).")
+@click.option("--seed", type=int, default=None, help="For lines without one (default: 0).")
+@click.option("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when the worker has a GPU).")
+@click.option("--workers", "count", type=int, default=None, help="Actors, each holding one model (default: 1).")
+@click.option("--num-gpus", type=float, default=None, help="GPUs per actor (default: 0).")
+@click.option("--num-cpus", type=float, default=None, help="CPUs per actor (default: 1).")
+@click.option("--batch-size", type=int, default=None, help="Rows in flight per worker (default: 16).")
+@click.option("--rows-per-shard", type=int, default=None, help="Request lines per shard (default: 1000).")
+@click.option("--storage-option", "options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for IN, OUT and the work dir, e.g. endpoint_url=http://127.0.0.1:9000.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Any other manifest field, e.g. --set model.chat_template=false (repeatable).")
+@click.option("--address", default=None, help="Join a Ray cluster; default: start a local one (or RAY_ADDRESS).")
+@click.option("--force", is_flag=True, help="Discard a work dir made with another input or config.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--dashboard/--no-dashboard", default=False, show_default=True, help="Start the Ray dashboard.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
+def run_batch(input_uri, output_uri, source, work_dir, gen_length, block_length, steps, cache, rule, threshold,
+              temperature, seed, dtype, device, count, num_gpus, num_cpus, batch_size, rows_per_shard, options,
+              overrides, address, force, progress, dashboard, verbose):
+    """Answer an OpenAI Batch API file (/v1/chat/completions and /v1/completions lines) like `vllm run-batch`:
+    OUT gets one answer line per request line, in input order, written once every line is answered. Per line,
+    max_tokens / max_completion_tokens, temperature, n, seed and stop set that request's decoding; a line that
+    cannot be honoured gets an error line. Exit codes as for `run`."""
+    from .batch import batch_manifest, run_batch as run_batch_job
+    from .cluster import JobInterrupted
+
+    _setup_logging(verbose)
+    decode = dict(gen_length=gen_length, block_length=block_length, steps=steps, cache=cache, rule=rule,
+                  threshold=threshold, temperature=temperature, seed=seed)
+    workers = dict(count=count, num_gpus=num_gpus, num_cpus=num_cpus, batch_size=batch_size)
+    try:
+        spec = batch_manifest(input_uri, output_uri, source, work_dir, decode, workers, {"dtype": dtype, "device": device},
+                              rows_per_shard, _storage_options(options), overrides)
+        result, lines = run_batch_job(spec, output_uri, address=address, force=force, progress=progress,
+                                      dashboard=dashboard)
+    except InvalidJob as e:
+        _fail(e)
+    except (KeyboardInterrupt, JobInterrupted) as e:
+        code = e.exit_code if isinstance(e, JobInterrupted) else 130
+        click.echo(f"stopped by {e or 'SIGINT'}; rerun the same command to resume", err=True)
+        sys.exit(code)
+    t = result.summary.totals
+    if lines is not None:
+        click.echo(f"wrote {output_uri}: {lines} answer lines, {t.rows - t.error_rows} answered, {t.error_rows} "
+                   "per-line errors")
+    else:
+        click.echo(f"{output_uri} not written: some request lines have no answer yet", err=True)
+    _report(result)
 
 
 @main.command()
@@ -126,16 +223,8 @@ def status(output_uri, options, shards, quick):
     shard is verified against its data file."""
     from .status import job_status, throughput_table
 
-    opts = {}
-    for item in options:
-        k, sep, v = item.partition("=")
-        if not sep:
-            _fail(InvalidJob(f"--storage-option {item!r} is not KEY=VALUE"))
-        opts[k] = v
     try:
-        for k, v in opts.items():
-            refuse_inline_secret("-o", k, v)
-        st = job_status(output_uri, opts, verify=not quick)
+        st = job_status(output_uri, _storage_options(options), verify=not quick)
     except InvalidJob as e:
         _fail(e)
     t = st.totals
@@ -145,6 +234,8 @@ def status(output_uri, options, shards, quick):
     click.echo(f"rows {t.rows}/{st.rows} ({t.error_rows} bad), {t.generated_tokens} tokens, {t.nfe} nfe, "
                f"occupancy {t.occupancy:.2f}, slot utilisation {t.slot_utilisation:.2f}, "
                f"{t.tokens_per_second:.1f} tokens/s per worker")
+    if t.error_rows:
+        click.echo(f"bad rows by reason: {_commonest(t)}")
     if st.lease is not None:
         click.echo(f"running: lease held by {st.lease.describe()}")
     for p in st.problems:

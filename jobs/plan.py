@@ -133,12 +133,41 @@ def inspect_input(m: Manifest) -> tuple[InputSource, list[Inspected]]:
         if source.format == "hf":
             return source, [inspect_hf(source, inp.id_column, opts)]
         fmt, files = list_files(source, opts)
+        if fmt == "jsonl" and inp.format == "auto" and files and _first_line_is_batch(files[0][0], opts):
+            fmt = "openai"  # OpenAI Batch API request lines (workers/openai_batch.py)
         source = InputSource(source.uri, fmt)
         text = (inp.prompt_column,) if inp.prompt_column else ()
         return source, [inspect_parquet(u, rel, inp.id_column, opts) if fmt == "parquet"
-                        else inspect_text(u, rel, fmt, inp.id_column, text, opts) for u, rel in files]
+                        else inspect_text(u, rel, fmt, "custom_id" if fmt == "openai" else inp.id_column, text, opts)
+                        for u, rel in files]
     except InputError as e:
         raise InvalidJob(str(e)) from None
+
+
+def _first_line_is_batch(uri: str, opts: dict | None) -> bool:
+    """Whether a JSONL file's first non-blank line is an OpenAI batch request ({custom_id, ..., body})."""
+    from fastdllm.workers.inputs import _read_bytes
+    from fastdllm.workers.openai_batch import is_batch_line
+
+    first = next((ln for ln in _read_bytes(uri, opts).splitlines() if ln.strip()), b"")
+    return is_batch_line(first)
+
+
+def check_batch_input(m: Manifest, inspected: list[Inspected]) -> None:
+    """An OpenAI batch input: answers go out as OpenAI lines, the custom_id is the id, and no custom_id repeats
+    (InvalidJob otherwise)."""
+    from fastdllm.workers.openai_batch import duplicate_ids
+
+    inp = m.input
+    if m.output.format != "openai":
+        raise InvalidJob(f"input {inspected[0].uri} holds OpenAI batch requests; set output.format: openai (or use "
+                         "`fastdllm run-batch`)")
+    if inp.id_column or inp.keep_columns or inp.messages_column or inp.prompt_column != "prompt":
+        raise InvalidJob("input.id_column, prompt_column, messages_column and keep_columns do not apply to an OpenAI "
+                         "batch file (each line's custom_id is its id and its body the request); remove them")
+    dup = duplicate_ids([(i.relpath, i.ids) for i in inspected])
+    if dup:
+        raise InvalidJob(dup)
 
 
 def _pin(f: InputFile, fmt: str) -> dict:
@@ -153,9 +182,14 @@ def _pin(f: InputFile, fmt: str) -> dict:
 def make_plan(m: Manifest) -> Plan:
     """The deterministic shard plan of a manifest's input (same input + rows_per_shard -> same shards)."""
     source, inspected = inspect_input(m)
-    for info in inspected:
+    if source.format == "openai":
+        check_batch_input(m, inspected)
+    elif m.output.format == "openai":
+        raise InvalidJob(f"output.format openai answers OpenAI batch requests, but input {m.input.uri} is "
+                         f"{source.format}; give an OpenAI batch file (or choose parquet or jsonl output)")
+    for info in inspected if source.format != "openai" else ():
         check_columns(info, m)
-    keep = resolve_keep(m, inspected[0].schema)
+    keep = resolve_keep(m, inspected[0].schema) if source.format != "openai" else []
     for info in inspected[1:]:
         missing = [c for c in keep if c not in info.schema.names]
         if missing:

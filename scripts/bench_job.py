@@ -13,6 +13,13 @@ shared machine drifts). Also printed: the share of the runner's span spent outsi
 writes, commits, dispatch), which does not depend on comparing two noisy runs.
 
     python scripts/bench_job.py [--rows 256] [--rows-per-shard 64] [--gen-length 32] ...
+
+`--slots 1 2` instead compares runner runs only, with workers.shards_per_actor 1 (the shard-at-a-time worker of
+the lock-step engine: each shard's last rows decode in a draining batch) and 2 (the next shard's rows join the
+actor's engine as the current shard's finish), in alternating rounds: slot utilisation (mean rows in flight /
+batch size over the engine's steps) and tokens/s over the span. Many small shards show the difference:
+
+    python scripts/bench_job.py --slots 1 2 --rows 256 --rows-per-shard 16 --batch-size 16
 """
 
 from __future__ import annotations
@@ -78,7 +85,8 @@ def runner(data: Path, out: Path, decode: dict, args) -> dict:
     m = parse_manifest({"name": "bench", "model": {"source": "tiny"},
                         "input": {"uri": str(data), "id_column": "id", "rows_per_shard": args.rows_per_shard},
                         "output": {"uri": str(out)}, "decode": decode,
-                        "workers": {"count": 1, "num_cpus": args.threads, "batch_size": args.batch_size}})
+                        "workers": {"count": 1, "num_cpus": args.threads, "batch_size": args.batch_size,
+                                    "shards_per_actor": args.shards_per_actor}})
     t0 = time.perf_counter()
     result = run_job(m, progress=False)
     e2e = time.perf_counter() - t0
@@ -94,7 +102,40 @@ def runner(data: Path, out: Path, decode: dict, args) -> dict:
             "decode_share": sum(s.decode_seconds for s in stats) / sum(s.wall_seconds for s in stats),
             "outside_generate": 1 - sum(s.decode_seconds for s in stats) / span,
             "io_share": sum(s.read_seconds + s.write_seconds for s in stats) / span,
+            "slot_utilisation": sum(s.rows_in_flight for s in stats) / max(1, sum(s.slot_steps for s in stats)),
             "ok": result.ok}
+
+
+def compare_slots(args, decode: dict) -> None:
+    """Runner runs only, alternating workers.shards_per_actor over `args.slots`; medians per setting."""
+    import ray
+
+    runs: dict[int, list[dict]] = {n: [] for n in args.slots}
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "data"
+            write_demo_data(data, rows=args.rows, files=1)
+            for k in range(args.repeats):
+                order = args.slots if k % 2 == 0 else args.slots[::-1]
+                for n in order:
+                    args.shards_per_actor = n
+                    runs[n].append(runner(data, Path(tmp) / f"out{k}-{n}", decode, args))
+                    print(f"round {k} shards_per_actor {n}: slot utilisation {runs[n][-1]['slot_utilisation']:.2f}, "
+                          f"{runs[n][-1]['tps']:.1f} tokens/s over the span", flush=True)
+    finally:
+        ray.shutdown()
+    med = statistics.median
+    print(f"{args.rows} prompts in {args.rows // args.rows_per_shard} shards of {args.rows_per_shard}, batch "
+          f"{args.batch_size}, {decode}, {args.threads} thread(s), tiny model on CPU; medians of {args.repeats} rounds")
+    print("| shards per actor | slot utilisation | tokens/s (span) | tokens/s (with start-up) |")
+    print("|---:|---:|---:|---:|")
+    for n in args.slots:
+        print(f"| {n} | {med(r['slot_utilisation'] for r in runs[n]):.2f} | {med(r['tps'] for r in runs[n]):.1f} | "
+              f"{med(r['e2e_tps'] for r in runs[n]):.1f} |")
+    if not all(r["ok"] for rs in runs.values() for r in rs):
+        sys.exit("a run had failed shards")
 
 
 def main():
@@ -106,6 +147,9 @@ def main():
     ap.add_argument("--block-length", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads = the worker's num_cpus")
     ap.add_argument("--repeats", type=int, default=3, help="alternating direct / runner rounds; medians reported")
+    ap.add_argument("--shards-per-actor", type=int, default=2, help="workers.shards_per_actor of the runner")
+    ap.add_argument("--slots", type=int, nargs="+", metavar="N",
+                    help="compare runner runs with these workers.shards_per_actor values instead")
     args = ap.parse_args()
 
     import ray
@@ -115,6 +159,8 @@ def main():
 
     decode = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.gen_length}
     cfg = fastdllm.DecodeConfig.from_dict(decode)
+    if args.slots:
+        return compare_slots(args, decode)
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, configure_logging=False, log_to_driver=False)
     d_tps, a_tps, r_runs = [], [], []
     try:

@@ -33,7 +33,7 @@ from .storage import expand_env, filesystem, parquet_footer, storage_error
 
 # By extension (a `.json` file may be one JSON document, not lines: name it .jsonl or set input.format: jsonl).
 FILE_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
-FORMATS = ("auto", "parquet", "jsonl", "csv", "hf")
+FORMATS = ("auto", "parquet", "jsonl", "csv", "hf", "openai")  # openai: OpenAI Batch API request lines (JSONL)
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # read through fsspec's compression="infer"
 HF_MARKERS = ("state.json", "dataset_dict.json")  # a directory written by Dataset(Dict).save_to_disk
 GLOB_CHARS = "*?["
@@ -123,7 +123,8 @@ def list_files(source: InputSource, storage_options: dict | None) -> tuple[str, 
     recursively for files of the format (any known format when it is `auto`; then they must all agree)."""
     uri, fmt = source.uri, source.format
     fs, path = _fs(uri, storage_options)
-    wanted = (lambda p: file_format(p) is not None) if fmt == "auto" else (lambda p: file_format(p) == fmt)
+    by_name = "jsonl" if fmt == "openai" else fmt  # an OpenAI batch file is a JSONL file
+    wanted = (lambda p: file_format(p) is not None) if fmt == "auto" else (lambda p: file_format(p) == by_name)
     try:
         if any(c in path for c in GLOB_CHARS):
             base = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
@@ -299,7 +300,12 @@ def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
 
 def parse_text(data: bytes, fmt: str, uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
     """A JSONL or CSV file's bytes as a table (types inferred; `string_columns` of a CSV read as text, so a
-    prompt such as "12" stays a string)."""
+    prompt such as "12" stays a string). An OpenAI batch file (fmt openai) becomes its (custom_id, request)
+    table: see workers/openai_batch.py."""
+    if fmt == "openai":
+        from .openai_batch import batch_table
+
+        return batch_table(data, uri)
     try:
         if fmt == "jsonl":
             return pajson.read_json(io.BytesIO(data))

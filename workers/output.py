@@ -211,6 +211,15 @@ class JobOutput:
         self.root = root.rstrip("/")
         self.ext = ext
 
+    @property
+    def ext(self) -> str:
+        return self._ext
+
+    @ext.setter
+    def ext(self, fmt: str) -> None:
+        """The data files' extension, from output.format (openai answer lines are JSON Lines files)."""
+        self._ext = "jsonl" if fmt == "openai" else fmt
+
     # -- layout ------------------------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"

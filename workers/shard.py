@@ -34,7 +34,7 @@ from .stats import ShardStats
 
 log = logging.getLogger("fastdllm.workers")
 
-OUTPUT_FORMATS = ("parquet", "jsonl")
+OUTPUT_FORMATS = ("parquet", "jsonl", "openai")  # openai: OpenAI Batch API answer lines (workers/openai_batch.py)
 OUTPUT_SCHEMA_TAIL = [  # the output columns after `id` (whose type follows the input's id column)
     pa.field("sample_index", pa.int32()),  # 0 .. decode.num_samples - 1
     pa.field("prompt", pa.string()),  # the text the model got (after the chat template, when one applies)
@@ -381,6 +381,10 @@ class ShardWorker:
                 self._running.notify_all()
 
     def _run_shard(self, shard: Shard, attempt: int) -> ShardRecord:
+        if self.s.source.format == "openai":  # OpenAI batch request lines in, answer lines out
+            from .openai_batch import run_batch_shard
+
+            return run_batch_shard(self, shard, attempt)
         t0 = time.perf_counter()
         started = now()
         table = self.reader.read(shard, self.s.input_columns)
