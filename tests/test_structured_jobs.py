@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fastdllm
-from fastdllm import StructuredOutputs
+from fastdllm import StructuredOutputs, tiny_kit
 from fastdllm.jobs import InvalidJob, parse_manifest, run_job
 from .conftest import own_local_ray
 
@@ -91,3 +91,51 @@ def test_worker_takes_each_rows_constraint_from_its_column(tmp_path):
     assert json.loads(rows[3]["completion"]) in ({"n": 1}, {"n": 2})
     assert rows[4]["finish_reason"] == "error" and "grammar is not usable" in rows[4]["error"]
     assert all(r["error"] is None for r in rows[:4])
+
+
+def test_run_batch_lines_with_constraints(tmp_path):
+    """`fastdllm run-batch` on OpenAI batch lines asking for regex, choice, JSON schema and JSON object outputs:
+    every finished answer is valid for its line's constraint; a bad constraint is its line's error."""
+    from click.testing import CliRunner
+    from openai.types.chat import ChatCompletion
+
+    from fastdllm.jobs.cli import main
+
+    def chat(cid, content, **body):
+        return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "tiny", "messages": [{"role": "user", "content": content}], **body}}
+
+    schema = {"type": "object", "properties": {"sum": {"type": "integer", "maximum": 99999}}, "required": ["sum"]}
+    adds = [f"{a}+{b}=" for a, b in [(12, 34), (250, 117), (7, 8), (906, 45), (3333, 4444), (18, 9)]]
+    lines = ([chat(f"re-{i}", p, structured_outputs={"regex": "[0-9]+"}) for i, p in enumerate(adds)]
+             + [chat(f"ch-{i}", p, guided_choice=["yes", "no"]) for i, p in enumerate(adds[:3])]
+             + [chat(f"js-{i}", p, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+                for i, p in enumerate(adds[:3])]
+             + [chat("bad", "1+1=", structured_outputs={"regex": "[0-9"})])
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.jsonl"
+    with own_local_ray() as address:
+        r = CliRunner().invoke(main, ["run-batch", "-i", str(src), "-o", str(out), "--model", "tiny",
+                                      "--address", address, "--batch-size", "4", "--rows-per-shard", "8"])
+    assert r.exit_code == 0, r.output
+    by_id = {a["custom_id"]: a for a in map(json.loads, out.read_text().splitlines())}
+    assert by_id["bad"]["error"] and "regex is not usable" in by_id["bad"]["error"]["message"]
+    finished = 0
+    for cid, a in by_id.items():
+        if cid == "bad":
+            continue
+        choice = ChatCompletion.model_validate(a["response"]["body"]).choices[0]
+        if choice.finish_reason != "stop":
+            continue
+        finished += 1
+        text = choice.message.content
+        if cid.startswith("re-"):
+            assert re.fullmatch("[0-9]+", text), (cid, text)
+        elif cid.startswith("ch-"):
+            assert text in ("yes", "no"), (cid, text)
+        else:
+            assert json.loads(text)["sum"] <= 99999 and set(json.loads(text)) == {"sum"}, (cid, text)
+    assert finished >= 0.9 * (len(lines) - 1)
+    texts = [by_id[f"re-{i}"]["response"]["body"]["choices"][0]["message"]["content"] for i in range(len(adds))]
+    assert sum(tiny_kit.score(adds, texts)) >= 0.9 * len(adds), texts
