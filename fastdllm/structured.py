@@ -118,7 +118,8 @@ class StructuredOutputs:
             if t == "json_schema":
                 js = rf.get("json_schema")
                 if not isinstance(js, dict) or "schema" not in js:
-                    raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+                    raise ValueError("response_format json_schema needs "
+                                     "{'json_schema': {'name': ..., 'schema': {...}}}")
                 found.append(("response_format", cls(json=js["schema"])))
             elif t == "json_object":
                 found.append(("response_format", cls(json=True)))

@@ -14,7 +14,8 @@ from fastdllm.structured import _closed
 
 SUM_SCHEMA = {"type": "object", "properties": {"sum": {"type": "integer", "minimum": 0, "maximum": 20000}},
               "required": ["sum"]}
-RECORD_SCHEMA = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}, "score": {"type": "integer", "maximum": 100},
+RECORD_SCHEMA = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]},
+                                                  "score": {"type": "integer", "maximum": 100},
                                                   "ok": {"type": "boolean"}}, "required": ["label", "ok"]}
 
 

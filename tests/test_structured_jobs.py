@@ -109,7 +109,8 @@ def test_run_batch_lines_with_constraints(tmp_path):
     adds = [f"{a}+{b}=" for a, b in [(12, 34), (250, 117), (7, 8), (906, 45), (3333, 4444), (18, 9)]]
     lines = ([chat(f"re-{i}", p, structured_outputs={"regex": "[0-9]+"}) for i, p in enumerate(adds)]
              + [chat(f"ch-{i}", p, guided_choice=["yes", "no"]) for i, p in enumerate(adds[:3])]
-             + [chat(f"js-{i}", p, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+             + [chat(f"js-{i}", p,
+                     response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
                 for i, p in enumerate(adds[:3])]
              + [chat("bad", "1+1=", structured_outputs={"regex": "[0-9"})])
     src = tmp_path / "in.jsonl"
