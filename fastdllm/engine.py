@@ -65,7 +65,7 @@ class Request:
     stop: list[str] | str | None = None  # stop strings (the engine needs a tokenizer)
     seed: int | None = None  # with row_id, seeds the request's noise
     row_id: int | None = None  # None: the request's id
-    structured: object | None = None  # a structured-output constraint (see docs/DESIGN.md)
+    structured: object | None = None  # fastdllm.StructuredOutputs or its dict form (README, "Structured outputs")
 
 
 @dataclass
@@ -99,6 +99,7 @@ class _Admitted:
     row_id: int
     sampling: bool
     done_tokens: list[int] = field(default_factory=list)  # completed blocks (stop-string rows only)
+    structured: object | None = None  # a fastdllm.structured.RowConstraint (its grammar state)
 
 
 def _number(name: str, v, ok, what: str) -> float:
@@ -219,11 +220,21 @@ class Engine:
         row_id = rid if q.row_id is None else q.row_id
         if isinstance(row_id, bool) or not isinstance(row_id, int):
             raise ValueError(f"row_id must be an integer, got {row_id!r}")
-        if q.structured is not None:
-            raise ValueError("structured outputs are not supported by this engine yet")
+        constraint = self._constraint(q.structured, stop_ids) if q.structured is not None else None
         self._next += 1
         return _Admitted(rid, p, g, mt, temperature, threshold, factor, margin, stop_ids, stop, seed, row_id,
-                         sampling=temperature > 0 or cfg.remasking == "random")
+                         sampling=temperature > 0 or cfg.remasking == "random", structured=constraint)
+
+    def _constraint(self, spec, stop_ids):
+        """The grammar state of a constrained request (llguidance against the engine's tokenizer)."""
+        from .structured import RowConstraint, StructuredOutputs, llg_tokenizer
+
+        spec = StructuredOutputs.from_dict(spec)
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need the engine's tokenizer: Engine(..., tokenizer=...)")
+        if getattr(self, "_llg_tok", None) is None:
+            self._llg_tok = llg_tokenizer(self.tokenizer.hf, self.model.config.vocab_size, list(self.default_stop))
+        return RowConstraint(spec, self._llg_tok, stop_ids, self.mask_id)
 
     # -- buffers -----------------------------------------------------------------------------------------------
 
@@ -304,8 +315,9 @@ class Engine:
             factor=[r.request.factor for r in live], frechet_margin=[r.request.frechet_margin for r in live],
             quota=[self.schedule[min(r.step, len(self.schedule) - 1)] for r in live])
         gens = [r.generator for r in live] if any(r.request.sampling for r in live) else None
+        structured = self._structured_step(sel) if any(r.request.structured for r in live) else None
         block = propose_commit(step.logits, block, sel, self.mask_id, self.cfg.rule, self.cfg.remasking, settings,
-                               gens)
+                               gens, structured=structured)
         rows.x[: rows.n].scatter_(1, idx, block)
         s = self.stats
         s["steps"] += 1
@@ -314,6 +326,16 @@ class Engine:
         s["forward_flops"] += step.flops
         s["rows_in_flight"] += rows.n
         return self._update(block)
+
+    def _structured_step(self, sel: torch.Tensor):
+        """The constrained rows of this step (their frontier: the first masked block position; they commit in
+        order, so it is block_length - left)."""
+        from .structured import StructuredStep
+
+        bl = self.cfg.block_length
+        live = [(i, r) for i, r in enumerate(self.rows.live) if r.request.structured is not None]
+        return StructuredStep([i for i, _ in live], [r.request.structured for _, r in live],
+                              [bl - r.left for _, r in live], [r.left for _, r in live], bl, sel.shape[1] == bl)
 
     def _update(self, block: torch.Tensor) -> list[Finished]:
         """After the commit: one host sync (masks left per row, stop tokens committed), then advance each row;

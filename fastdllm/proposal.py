@@ -82,19 +82,26 @@ def _propose_rows(logits, temperature: list[float], remasking: str, gens, mask_i
 
 
 def propose_commit(logits: torch.Tensor, block: torch.Tensor, select_idx: torch.Tensor, mask_id: int, rule: str,
-                   remasking: str, settings: RowSettings, generators, **kw) -> torch.Tensor:
+                   remasking: str, settings: RowSettings, generators, structured=None, **kw) -> torch.Tensor:
     """One step's decision for every row: the row's block (B, bl) with the committed proposals written in.
 
-    logits (B, M, V) are those of the block positions `select_idx` (B, M) (every still-masked one among them)."""
+    logits (B, M, V) are those of the block positions `select_idx` (B, M) (every still-masked one among them).
+    `structured` (a fastdllm.structured.StructuredStep, or None when no row is constrained) masks the constrained
+    rows' frontier logits, narrows their candidates to the grammar's valid run and writes their commits."""
     bl = block.shape[1]
+    if structured is not None:
+        structured.mask_logits(logits)
     x0, conf = propose(logits, select_idx, mask_id, bl, settings.temperature, remasking, generators, **kw)
     dev = block.device
     candidates = (block == mask_id).gather(1, select_idx)  # (B, M)
+    if structured is not None:
+        candidates = structured.candidates(x0, candidates)
     params = {name: _values(getattr(settings, name), dev) for name in ("threshold", "factor", "frechet_margin")}
     quota = torch.tensor(settings.quota, device=dev) if rule == "quota" else 1
     commit_sel = commit_mask(conf, candidates, rule, quota=quota, **params)  # (B, M)
     commit = torch.zeros_like(block, dtype=torch.bool).scatter(1, select_idx, commit_sel)  # (B, bl)
-    return torch.where(commit, block.scatter(1, select_idx, x0), block)
+    out = torch.where(commit, block.scatter(1, select_idx, x0), block)
+    return out if structured is None else structured.commit(out, commit_sel, block)
 
 
 def _values(v: list[float], device):

@@ -25,11 +25,14 @@ class _Strict(BaseModel):
 
 class DecodeSpec(BaseModel):
     """The manifest's decode section: fastdllm.DecodeConfig's fields (kept as the typed config that workers
-    receive) plus num_samples, the output rows drawn per prompt."""
+    receive) plus num_samples, the output rows drawn per prompt, and structured_outputs, the constraint of every
+    row's output ({json: schema | true, regex: ..., choice: [...], grammar: lark}; README, "Structured outputs")."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
     config: fastdllm.DecodeConfig
     num_samples: int = Field(1, ge=1)
+    structured_outputs: fastdllm.StructuredOutputs | None = None
+    structured_column: str | None = None  # structured_outputs: {column: NAME}: each row's constraint from NAME
 
     @model_validator(mode="before")
     @classmethod
@@ -37,7 +40,20 @@ class DecodeSpec(BaseModel):
         if isinstance(v, dict):
             v = dict(v)
             n = v.pop("num_samples", 1)
-            return {"config": fastdllm.DecodeConfig.from_dict(v), "num_samples": n}
+            so = v.pop("structured_outputs", None)
+            column = None
+            if isinstance(so, dict) and "column" in so:
+                column, so = so.pop("column"), (so or None)
+                if not isinstance(column, str) or not column or so:
+                    raise ValueError("structured_outputs {column: NAME} takes one column name and nothing else")
+            if so is not None:
+                try:
+                    so = fastdllm.StructuredOutputs.from_dict(so)
+                    so.check()  # the grammar engine is installed and reads the constraint
+                except ImportError as e:
+                    raise ValueError(str(e)) from None
+            return {"config": fastdllm.DecodeConfig.from_dict(v), "num_samples": n, "structured_outputs": so,
+                    "structured_column": column}
         return v
 
     @model_validator(mode="after")
@@ -50,8 +66,14 @@ class DecodeSpec(BaseModel):
 
     @model_serializer
     def _resolved(self) -> dict:
-        """Every DecodeConfig field (defaults filled in) and num_samples, flat as in the manifest."""
-        return {**self.config.to_dict(), "num_samples": self.num_samples}
+        """Every DecodeConfig field (defaults filled in) and num_samples, flat as in the manifest; with
+        structured_outputs when set (a job without one keeps its identity)."""
+        out = {**self.config.to_dict(), "num_samples": self.num_samples}
+        if self.structured_outputs is not None:
+            out["structured_outputs"] = self.structured_outputs.to_dict()
+        if self.structured_column is not None:
+            out["structured_outputs"] = {"column": self.structured_column}
+        return out
 
 
 DTYPES = fastdllm.models.DTYPE_NAMES  # defined once, where models are loaded
@@ -177,7 +199,8 @@ class Manifest(_Strict):
         "fsspec options for input and output, e.g. {endpoint_url: http://127.0.0.1:9000}. Credentials as "
         "environment references: {key: '${AWS_ACCESS_KEY_ID}'} (or none: s3fs reads AWS_* itself)."))
     decode: DecodeSpec = Field(default_factory=lambda: DecodeSpec.model_validate({}),
-                               description="fastdllm.DecodeConfig fields, and num_samples.")
+                               description="fastdllm.DecodeConfig fields, num_samples and "
+                                                           "structured_outputs.")
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     faults: FaultSpec = Field(default_factory=FaultSpec, description="Testing only: injected worker failures.")
 

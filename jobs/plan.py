@@ -71,7 +71,7 @@ def check_columns(info: Inspected, m: Manifest) -> None:
     names = info.schema.names
     inp = m.input
     named = [("messages_column" if inp.messages_column else "prompt_column", inp.text_column),
-             ("id_column", inp.id_column)]
+             ("id_column", inp.id_column), ("decode.structured_outputs", m.decode.structured_column)]
     named += [("keep_columns", c) for c in (inp.keep_columns if isinstance(inp.keep_columns, list) else [])]
     for kind, col in named:
         if col and col not in names:

@@ -64,6 +64,7 @@ def worker_settings(m: Manifest, plan: Plan) -> WorkerSettings:
         model_source=m.model.source, model_revision=m.model.revision, dtype=m.model.dtype, device=m.model.device,
         chat_template=m.model.chat_template, system_prompt=m.model.system_prompt,
         trust_remote_code=m.model.trust_remote_code, decode=m.decode.config, num_samples=m.decode.num_samples,
+        structured=m.decode.structured_outputs, structured_column=m.decode.structured_column,
         output_uri=m.output.uri, output_format=m.output.format, source=plan.source,
         prompt_column=m.input.prompt_column, messages_column=m.input.messages_column, id_column=m.input.id_column,
         keep_columns=tuple(plan.keep_columns), storage_options=m.storage_options, batch_size=m.workers.batch_size,

@@ -57,7 +57,7 @@ def mixed_lines() -> list:
         chat("c-n", ADDITIONS[3], n=3, temperature=0.9, seed=7, max_tokens=16),
         chat("bad-stream", "1+1=", stream=True),
         chat("bad-tools", "1+1=", tools=[{"type": "function", "function": {"name": "f"}}]),
-        chat("bad-format", "1+1=", response_format={"type": "json_object"}),
+        chat("bad-format", "1+1=", response_format={"type": "xml"}),
         text("bad-top-p", "1+1=", top_p=0.5),
         {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
         "this line is not JSON",

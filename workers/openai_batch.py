@@ -37,7 +37,7 @@ MAX_N = 128
 # Body fields the engine honours (mapped below) or that do not change the output (recorded or ignored).
 HONOURED = {"model", "max_tokens", "max_completion_tokens", "temperature", "n", "seed", "stop", "user", "metadata",
             "store", "top_p", "stream", "logprobs", "frequency_penalty", "presence_penalty", "response_format",
-            "structured_outputs"}
+            "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
 # Fields accepted only at the value that means "off" (a request that sets them otherwise cannot be honoured).
 NEUTRAL = {"top_p": (1, 1.0), "stream": (False,), "logprobs": (False,), "frequency_penalty": (0, 0.0),
            "presence_penalty": (0, 0.0), "echo": (False,), "best_of": (1,)}
@@ -52,16 +52,24 @@ class LineError(ValueError):
 
 
 def structured_constraint(body: dict, kind: str):
-    """The hook for structured outputs (`response_format`, `structured_outputs`): returns the engine's
-    constraint object for `fastdllm.Request(structured=...)`, or None for an unconstrained line. Until the
-    engine has one, a line asking for a constraint other than plain text is that line's error."""
+    """The line's output constraint for `fastdllm.Request(structured=...)` (fastdllm.StructuredOutputs:
+    `response_format` json_schema / json_object, vLLM's `structured_outputs` and guided_* fields), or None for an
+    unconstrained line; a constraint that cannot be read is that line's error."""
+    from fastdllm.structured import StructuredOutputs
+
     rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text" and len(rf) == 1):
-        raise LineError("unsupported_parameter", "body.response_format is not supported yet (structured outputs); "
-                                                 "remove it or use {\"type\": \"text\"}")
-    if body.get("structured_outputs") is not None:
-        raise LineError("unsupported_parameter", "body.structured_outputs is not supported yet; remove it")
-    return None
+    if isinstance(rf, dict) and rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise LineError("unsupported_parameter", f"body.response_format type {rf.get('type')!r} is not supported; "
+                                                 "use json_schema, json_object or text")
+    try:
+        spec = StructuredOutputs.from_request_body(body)
+        if spec is not None:
+            spec.check()
+    except ImportError as e:
+        raise LineError("unsupported_parameter", str(e)) from None
+    except ValueError as e:
+        raise LineError("invalid_request", f"body: {str(e).splitlines()[0]}") from None
+    return spec
 
 
 @dataclass

@@ -88,6 +88,8 @@ class WorkerSettings:
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()  # input columns copied to the output
     num_samples: int = 1
+    structured: fastdllm.StructuredOutputs | None = None  # every row's output constraint
+    structured_column: str | None = None  # or each row's, from this column (JSON text of {json|regex|choice|...})
     output_format: str = "parquet"
     model_revision: str | None = None
     dtype: str = "auto"
@@ -108,7 +110,8 @@ class WorkerSettings:
     @property
     def input_columns(self) -> list[str]:
         """The input columns a shard reads: prompt or messages, id, kept columns (each once, in that order)."""
-        cols = [self.messages_column or self.prompt_column, self.id_column, *self.keep_columns]
+        cols = [self.messages_column or self.prompt_column, self.id_column, self.structured_column,
+                *self.keep_columns]
         return list(dict.fromkeys(c for c in cols if c))
 
 
@@ -317,8 +320,30 @@ class ShardWorker:
             errors.append(why)
         return texts, encoded, errors
 
-    def _decode(self, encoded: list, ids: list, counters: ShardStats, shard: Shard, attempt: int
-                ) -> tuple[list, list, list]:
+    def _constraints(self, table: pa.Table, shard: Shard, encoded: list, errors: list) -> list:
+        """Each row's output constraint: the job's, or (structured_column) the row's own; a row whose constraint
+        cannot be read becomes an error row (encoded and errors are updated in place)."""
+        if not self.s.structured_column:
+            return [self.s.structured] * len(encoded)
+        from fastdllm.structured import StructuredOutputs
+
+        values, undecodable = decode_text(table.column(self.s.structured_column))
+        out = []
+        for i, v in enumerate(values):
+            spec, why = None, undecodable.get(i)
+            if why is None and v is not None:
+                try:
+                    spec = StructuredOutputs.from_dict(json.loads(v) if isinstance(v, str) else v)
+                    spec.check()
+                except ValueError as e:
+                    why = f"structured_outputs column {self.s.structured_column!r}: {str(e).splitlines()[0]}"
+            if why is not None and errors[i] is None:
+                errors[i], encoded[i] = why, None
+            out.append(spec)
+        return out
+
+    def _decode(self, encoded: list, ids: list, counters: ShardStats, shard: Shard, attempt: int,
+                constraints: list) -> tuple[list, list, list]:
         """Decode num_samples samples of every good row through the worker's engine (batch_size rows in flight,
         joining in length order: similar lengths are in flight together), sample k of row i seeded by
         seed_id(ids[i], k). Returns completion ids, nfe and finish reasons per output row i * num_samples + k."""
@@ -329,7 +354,8 @@ class ShardWorker:
         reasons = ["error"] * len(completion_ids)
         t0 = time.perf_counter()
         if todo:  # a finished row's slot goes to the next prompt at once, of this shard or the next one
-            requests = [fastdllm.Request(encoded[i], row_id=seed_id(ids[i], k)) for _, i, k in todo]
+            requests = [fastdllm.Request(encoded[i], row_id=seed_id(ids[i], k), structured=constraints[i])
+                        for _, i, k in todo]
             for (_, i, k), f in zip(todo, self.engine().run(requests, counters)):
                 completion_ids[i * ns + k], nfe[i * ns + k], reasons[i * ns + k] = f.tokens, f.nfe, f.finish_reason
         counters.decode_seconds = time.perf_counter() - t0
@@ -362,10 +388,11 @@ class ShardWorker:
         read_seconds = time.perf_counter() - t0
         ids, id_type = self._ids(table, shard)
         texts, encoded, errors = self._prompts(table, shard)
+        constraints = self._constraints(table, shard, encoded, errors)
         bad = [reason_kind(e) for e in errors if e is not None]
         counters = ShardStats(shards=1, rows=table.num_rows, error_rows=len(bad), read_seconds=read_seconds,
                               error_reasons={k: bad.count(k) for k in set(bad)})
-        completion_ids, nfe, reasons = self._decode(encoded, ids, counters, shard, attempt)
+        completion_ids, nfe, reasons = self._decode(encoded, ids, counters, shard, attempt, constraints)
 
         ns = self.s.num_samples
         rows = [i for i in range(table.num_rows) for _ in range(ns)]  # the input row of each output row
