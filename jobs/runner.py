@@ -8,7 +8,6 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import fastdllm
@@ -56,8 +55,8 @@ def absolute_uris(m: Manifest) -> Manifest:
                                 "output": m.output.model_copy(update={"uri": absolute(m.output.uri)})})
 
 
-def worker_settings(m: Manifest, plan: Plan) -> WorkerSettings:
-    return WorkerSettings(
+def worker_settings(m: Manifest, plan: Plan, run_id: str | None = None) -> WorkerSettings:
+    return WorkerSettings(run_id=run_id,
         model_source=m.model.source, model_revision=m.model.revision, dtype=m.model.dtype, device=m.model.device,
         chat_template=m.model.chat_template, system_prompt=m.model.system_prompt,
         trust_remote_code=m.model.trust_remote_code, decode=m.decode.config, num_samples=m.decode.num_samples,
@@ -207,13 +206,14 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
         t0 = time.perf_counter()
         outcome = Outcome()
         if pending:
-            outcome = _run_shards(m, plan, pending, address, progress, dashboard, out, lambda: lease.lost)
+            outcome = _run_shards(m, plan, pending, address, progress, dashboard, out, lease)
         stopped = outcome.interrupted.args[0] if outcome.interrupted else None
         run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens,
                        wall_seconds=time.perf_counter() - t0, interrupted=stopped)
         summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done,
                             max_error_rate=m.workers.max_error_rate)
-        if lease.lost:  # another run owns the output now: its summary is not ours to write
+        if lease.problem():  # another run may own the output now: its summary is not ours to write
+            log.error("%s; summary.json not written", lease.lost)
             return JobResult(m.output.uri, summary, lease.lost, outcome.interrupted)
         try:
             out.write_summary(summary)
@@ -227,7 +227,7 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
 
 
 def _run_shards(m: Manifest, plan: Plan, pending: list[Shard], address: str | None, progress: bool | None,
-                dashboard: bool, out: JobOutput, lost: Callable[[], str | None]) -> Outcome:
+                dashboard: bool, out: JobOutput, lease: Lease) -> Outcome:
     """Connect to Ray (jobs/cluster.py), size the actor pool, and run the pending shards (jobs/dispatch.py) until
     done, interrupted by a signal, or `lost()` says the output's lease went to another run."""
     import ray
@@ -236,10 +236,11 @@ def _run_shards(m: Manifest, plan: Plan, pending: list[Shard], address: str | No
     try:
         n = min(actors_that_fit(m.workers, strict=session.started), len(pending))
         _warn_local_output(m)
-        dispatcher = Dispatcher(m.name, m.workers, worker_settings(m, plan), pending, n, progress=progress,
+        dispatcher = Dispatcher(m.name, m.workers, worker_settings(m, plan, lease.me.run_id), pending, n,
+                                progress=progress,
                                 write_log=lambda shard, attempt, text: _write_attempt_log(out, shard, attempt, text),
                                 recover=lambda shard: out.committed_record(shard.index, shard.rows),
-                                lost=lost, metrics=JobMetrics(m.name))
+                                lost=lease.problem, metrics=JobMetrics(m.name))
         with stop_on_signals():
             return dispatcher.run()
     finally:

@@ -5,11 +5,18 @@ bad manifests, job.json files and markers in one line."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import threading
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fastdllm.workers import Shard, ShardDataError
+from fastdllm.workers import JobOutput, Lease, Shard, ShardDataError
+from fastdllm.workers.output import Superseded
 from fastdllm.workers import inputs
 
 
@@ -66,3 +73,159 @@ def test_a_read_error_on_the_planned_file_stays_a_storage_error(tmp_path, monkey
     path.unlink()
     with pytest.raises(ShardDataError, match="it no longer exists"):
         inputs.read_shard_rows(shard, ["prompt", "id"])
+
+
+# -- the lease through a store outage ---------------------------------------------------------------------------
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "fdl-test-key", "AWS_SECRET_ACCESS_KEY": "fdl-test-secret-value",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of `target` that can be stopped (listener closed, every connection cut:
+    the store is unreachable) and started again on the same port."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.port, self.conns, self.lock = target, 0, [], threading.Lock()
+        self.listener = None
+        self.start()
+
+    def start(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self.port, self.listener = s.getsockname()[1], s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone leaves it listening)
+        self.listener.close()
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def s3_proxy():
+    """moto's S3 server (a real S3-compatible server on 127.0.0.1), reached through a Proxy; yields (endpoint
+    through the proxy, the proxy, an s3fs filesystem that talks to moto directly)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(S3_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    direct = s3fs.S3FileSystem(key=S3_ENV["AWS_ACCESS_KEY_ID"], secret=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+                               endpoint_url=f"http://{host}:{port}")
+    direct.mkdir("fdl-outage")
+    proxy = Proxy((host, port))
+    yield f"http://127.0.0.1:{proxy.port}", proxy, direct
+    proxy.stop()
+    server.stop()
+
+
+def _opts(endpoint: str) -> dict:
+    """Storage options for the proxied store; one attempt per call, so a call in the outage fails at once."""
+    return {"endpoint_url": endpoint, "key": "${AWS_ACCESS_KEY_ID}", "secret": "${AWS_SECRET_ACCESS_KEY}",
+            "config_kwargs": {"retries": {"max_attempts": 1}}}
+
+
+def _renewed_at(direct, path: str) -> str:
+    direct.invalidate_cache()
+    return json.loads(direct.cat(path))["renewed_at"]
+
+
+def test_the_lease_survives_a_short_outage_and_is_given_up_after_a_long_one(s3_proxy):
+    """A store outage raises botocore's EndpointConnectionError (not an OSError) in the renewal thread: it must be
+    a failed renewal that is retried, never a dead thread; once the last renewal no longer covers the run, the
+    lease says it is lost."""
+    endpoint, proxy, direct = s3_proxy
+    out = JobOutput("s3://fdl-outage/short", _opts(endpoint))
+    lease = Lease(out, ttl_s=8)
+    lease.acquire()
+    try:
+        time.sleep(2.5)  # one renewal
+        proxy.stop()
+        time.sleep(3)  # renewals fail meanwhile (EndpointConnectionError)
+        before = _renewed_at(direct, "fdl-outage/short/lease.json")
+        proxy.start()
+        deadline = time.monotonic() + 6
+        while _renewed_at(direct, "fdl-outage/short/lease.json") == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _renewed_at(direct, "fdl-outage/short/lease.json") != before, "not renewed after the outage"
+        assert lease._thread.is_alive() and lease.problem() is None
+    finally:
+        lease.release()
+
+    out = JobOutput("s3://fdl-outage/long", _opts(endpoint))
+    lease = Lease(out, ttl_s=2)
+    lease.acquire()
+    try:
+        proxy.stop()
+        deadline = time.monotonic() + 10
+        while lease.problem() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert lease.problem() and "could not renew the lease on s3://fdl-outage/long" in lease.problem()
+        assert "stops writing" in lease.problem()
+    finally:
+        proxy.start()
+        lease.release()
+
+
+def test_a_superseded_run_never_commits(tmp_path):
+    """A worker checks the output's lease before it writes: another run's lease, or none, and nothing is written."""
+    out = JobOutput(str(tmp_path / "out"))
+    mine, other = Lease(out, ttl_s=30), Lease(out, ttl_s=30)
+    mine.acquire()
+    mine._stop.set()  # this run's renewals stop (as in a frozen driver) ...
+    mine._thread.join()
+    (tmp_path / "out" / "lease.json").unlink()  # ... its lease expires, and another run takes the output
+    other.acquire()
+    try:
+        def finish(file):
+            raise AssertionError("the data file was written")
+
+        with pytest.raises(Superseded, match=f"run {mine.me.run_id[:8]} no longer holds the lease"):
+            out.commit(0, b"rows", 1, finish, run_id=mine.me.run_id)
+        assert not (tmp_path / "out" / "shards").exists() and not (tmp_path / "out" / "stats").exists()
+    finally:
+        other.release()
+    with pytest.raises(Superseded, match=r"\(no lease\)"):
+        out.commit(0, b"rows", 1, finish, run_id=other.me.run_id)

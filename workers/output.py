@@ -198,6 +198,10 @@ class LeaseInfo:
         return f"{self.holder} (run {self.run_id[:8]}) until {self.expires_at}"
 
 
+class Superseded(RuntimeError):
+    """A worker's run no longer holds the output's lease: it must not write."""
+
+
 class LeaseHeld(RuntimeError):
     """Another live run holds the output's lease."""
 
@@ -258,15 +262,30 @@ class JobOutput:
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2) + "\n").encode())
 
-    def commit(self, shard: int, data: bytes, rows: int, finish: Callable[[DataFile], ShardRecord]) -> ShardRecord:
+    def commit(self, shard: int, data: bytes, rows: int, finish: Callable[[DataFile], ShardRecord],
+               run_id: str | None = None) -> ShardRecord:
         """Commit a shard: write its data file, then `finish(data file)` builds the record (so its timings can
         include the write) and the marker is written last. Until the marker lands the shard is not committed;
-        a marker always describes the data file beside it."""
+        a marker always describes the data file beside it. With `run_id`, the output's lease is checked to be
+        that run's (and live) before each of the two writes: a superseded run never commits (Superseded)."""
         file = DataFile.of(self.shard_file(shard), data, rows)
+        self.check_lease(run_id)
         self.write_bytes(file.path, data)
         record = finish(file)
+        self.check_lease(run_id)
         self.write_json(self.marker_file(shard), record.to_dict())
         return record
+
+    def check_lease(self, run_id: str | None) -> None:
+        """Raise Superseded unless the output's current lease belongs to run `run_id` and has not expired (no-op
+        for None: a worker used outside a job)."""
+        if run_id is None:
+            return
+        cur = self.read_lease()
+        if cur is None or cur.run_id != run_id or cur.expired():
+            held = "no lease" if cur is None else (f"the lease of {cur.describe()}" + (
+                " (expired)" if cur.run_id == run_id else ""))
+            raise Superseded(f"not committed: run {run_id[:8]} no longer holds the lease on {self.uri} ({held})")
 
     def write_job(self, job: dict) -> None:
         self.write_json(JOB, job)
@@ -423,6 +442,7 @@ class Lease:
         self.settle_s = settle_s if settle_s is not None else (0.1 if isinstance(out.fs, LocalFileSystem) else 1.0)
         self.me = LeaseInfo(holder=f"{socket.gethostname()}:{os.getpid()}", run_id=uuid.uuid4().hex, expires_at="")
         self.lost: str | None = None  # why this run no longer holds the lease
+        self._good = 0.0  # time.monotonic() just before the last lease write that succeeded
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -439,6 +459,7 @@ class Lease:
                                 "wait for that run to finish (or for its lease to expire if it died)")
             why = "expired" if cur.expired() else "its process is gone"
             log.warning("taking over the lease on %s from %s (%s)", self.out.uri, cur.describe(), why)
+        self._good = time.monotonic()
         self._write()
         time.sleep(self.settle_s)
         cur = self.out.read_lease()
@@ -449,17 +470,41 @@ class Lease:
         self._thread.start()
 
     def _keep(self) -> None:
-        """Renew every ttl/4 until released; a lease found taken sets `lost` (the driver stops dispatching)."""
-        while not self._stop.wait(self.ttl_s / 4):
+        """Renew every ttl/4 until released. Any failure (an OSError, botocore's EndpointConnectionError, a
+        timeout...) is a failed renewal, retried with backoff while the last good renewal still covers us; once
+        it no longer does (ttl/4 before its expiry, so workers checking the lease stop too) `lost` says why and
+        the driver stops writing. A lease found taken over sets `lost` at once."""
+        wait, backoff = self.ttl_s / 4, self.ttl_s / 16
+        while not self._stop.wait(wait):
             try:
                 cur = self.out.read_lease()
                 if cur is not None and cur.run_id != self.me.run_id:
                     self.lost = f"the lease on {self.out.uri} was taken over by {cur.describe()}"
                     log.error("%s; stopping", self.lost)
                     return
+                t = time.monotonic()
                 self._write()
-            except OSError as e:
-                log.warning("could not renew the lease on %s: %s: %s", self.out.uri, type(e).__name__, e)
+                self._good, wait, backoff = t, self.ttl_s / 4, self.ttl_s / 16
+            except Exception as e:  # noqa: BLE001 - every failure is a failed renewal, never a dead thread
+                left = self._good + self.ttl_s * 3 / 4 - time.monotonic()
+                if left <= 0:
+                    self.lost = self._unproven(f"last error {type(e).__name__}: {e}")
+                    log.error("%s", self.lost)
+                    return
+                log.warning("could not renew the lease on %s (%s: %s); retrying in %.1fs", self.out.uri,
+                            type(e).__name__, e, min(backoff, left))
+                wait, backoff = min(backoff, left), min(backoff * 2, self.ttl_s / 4)
+
+    def _unproven(self, why: str) -> str:
+        return (f"could not renew the lease on {self.out.uri} for {time.monotonic() - self._good:.0f}s (lease_s "
+                f"{self.ttl_s:g}; {why}); another run may take the output over, so this run stops writing")
+
+    def problem(self) -> str | None:
+        """Why this run can no longer prove it holds the lease, or None. Also true while a renewal call hangs
+        past the margin (a store that accepts the connection but never answers): the thread cannot say so."""
+        if self.lost is None and self._thread is not None and time.monotonic() - self._good > self.ttl_s * 3 / 4:
+            self.lost = self._unproven("the renewal has not returned")
+        return self.lost
 
     def release(self) -> None:
         """Stop renewing and remove the lease if it is still ours."""
