@@ -186,6 +186,16 @@ def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], repor
                       too_many_errors=error_policy(totals, max_error_rate))
 
 
+def _unverified(plan: Plan, done: dict[int, ShardRecord], outcome: Outcome, run: RunStats) -> JobSummary:
+    """A summary from what this run knows when the output cannot be read back: the shards verified at the start
+    and those workers reported; every other planned shard missing."""
+    have = set(done) | outcome.reported
+    missing = [outcome.failed.get(s.index) or MissingShard(s.index, "not_run", "not run")
+               for s in plan.shards if s.index not in have]
+    return JobSummary(shards=len(plan.shards), committed=len(have), missing=missing,
+                      totals=sum((r.stats for r in done.values()), ShardStats()), run=run)
+
+
 def run_job(m: Manifest, *, address: str | None = None, force: bool = False, progress: bool | None = None,
             dashboard: bool = True) -> JobResult:
     """Run (or resume) a job; InvalidJob for a bad manifest, input, output or cluster address (or an output another
@@ -210,8 +220,14 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
         stopped = outcome.interrupted.args[0] if outcome.interrupted else None
         run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens,
                        wall_seconds=time.perf_counter() - t0, interrupted=stopped)
-        summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done,
-                            max_error_rate=m.workers.max_error_rate)
+        try:
+            summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done,
+                                max_error_rate=m.workers.max_error_rate)
+        except Exception as e:  # the store went away at the end (an outage: any exception type)
+            why = f"could not verify the output in {m.output.uri}: {storage_error(e)}"
+            log.error("%s; rerun the same command once it is reachable", why)
+            return JobResult(m.output.uri, _unverified(plan, done, outcome, run), lease.problem() or why,
+                             outcome.interrupted)
         if lease.problem():  # another run may own the output now: its summary is not ours to write
             log.error("%s; summary.json not written", lease.lost)
             return JobResult(m.output.uri, summary, lease.lost, outcome.interrupted)

@@ -15,8 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fastdllm.jobs import parse_manifest, run_job
 from fastdllm.workers import JobOutput, Lease, Shard, ShardDataError
 from fastdllm.workers.output import Superseded
+from .conftest import own_local_ray
 from fastdllm.workers import inputs
 
 
@@ -229,3 +231,52 @@ def test_a_superseded_run_never_commits(tmp_path):
         other.release()
     with pytest.raises(Superseded, match=r"\(no lease\)"):
         out.commit(0, b"rows", 1, finish, run_id=other.me.run_id)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ.update(S3_ENV)
+    with own_local_ray() as address:
+        yield address
+
+
+def _job(tmp_path, rows=12, **over) -> dict:
+    (tmp_path / "in").mkdir(exist_ok=True)
+    _parquet(tmp_path / "in" / "part-0.parquet", rows)
+    m = {"name": "t", "model": {"source": "tiny"},
+         "input": {"uri": str(tmp_path / "in" / "*.parquet"), "id_column": "id", "rows_per_shard": 3},
+         "output": {"uri": str(tmp_path / "out")}, "decode": {"gen_length": 8, "block_length": 4, "steps": 8},
+         "workers": {"count": 1, "batch_size": 4, "max_retries": 1}}
+    for k, v in over.items():
+        m[k] = {**m[k], **v} if isinstance(m.get(k), dict) else v
+    return m
+
+
+@pytest.mark.slow
+def test_a_driver_that_cannot_renew_its_lease_stops_writing(tmp_path, ray_cluster, s3_proxy):
+    """The store goes away while shards run: the driver stops (actors killed, no summary) with the reason, once
+    its last renewal no longer covers it; nothing is committed after that, even when the store comes back."""
+    endpoint, proxy, direct = s3_proxy
+    m = parse_manifest(_job(tmp_path, output={"uri": "s3://fdl-outage/job", "lease_s": 4},
+                            storage_options=_opts(endpoint), faults={"hang": {1: 9, 2: 9, 3: 9}}))
+    got = {}
+    t = threading.Thread(target=lambda: got.update(result=run_job(m, address=ray_cluster)), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not direct.exists("fdl-outage/job/stats/00000.json") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        direct.invalidate_cache()
+    proxy.stop()
+    try:
+        t.join(30)
+        assert not t.is_alive(), "the driver went on without its lease"
+        direct.invalidate_cache()
+        markers = direct.find("fdl-outage/job/stats")
+    finally:
+        proxy.start()
+    r = got["result"]
+    assert not r.ok and "could not renew the lease on s3://fdl-outage/job" in r.problem
+    time.sleep(2)
+    direct.invalidate_cache()
+    assert direct.find("fdl-outage/job/stats") == markers == ["fdl-outage/job/stats/00000.json"]
+    assert not direct.exists("fdl-outage/job/summary.json")

@@ -515,5 +515,5 @@ class Lease:
             cur = self.out.read_lease()
             if cur is not None and cur.run_id == self.me.run_id:
                 self.out.fs.rm(self.out.path(LEASE))
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a store outage (any exception type): the lease expires by itself
             log.warning("could not release the lease on %s: %s: %s", self.out.uri, type(e).__name__, e)
