@@ -18,6 +18,7 @@ from fastdllm.workers.storage import redact, storage_error
 
 from .cluster import JobInterrupted, actors_that_fit, check_reachable, connect, stop_on_signals
 from .dispatch import Dispatcher, Outcome
+from .guards import check_no_overlap, check_output_uri
 from .manifest import InvalidJob, Manifest
 from .metrics import JobMetrics
 from .plan import Plan, check_model_source, make_plan
@@ -202,8 +203,10 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
     run holds), raised before any shard runs. The result is ok only when every planned shard is committed and
     verified. SIGTERM / SIGINT during the run stop it cleanly: JobResult.interrupted names the signal."""
     check_model_source(m)
+    check_output_uri(m)
     m = absolute_uris(m)
     plan = make_plan(m)
+    check_no_overlap(m, plan)  # before anything is written
     check_reachable(address)  # before the output is touched: a wrong address costs seconds, not minutes
     out = open_output(m)
     lease = take_lease(out, m)

@@ -14,8 +14,11 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from click.testing import CliRunner
 
-from fastdllm.jobs import parse_manifest, run_job
+from fastdllm.jobs import InvalidJob, parse_manifest, run_job
+from fastdllm.jobs.cli import main
 from fastdllm.workers import JobOutput, Lease, Shard, ShardDataError
 from fastdllm.workers.output import Superseded
 from .conftest import own_local_ray
@@ -280,3 +283,48 @@ def test_a_driver_that_cannot_renew_its_lease_stops_writing(tmp_path, ray_cluste
     direct.invalidate_cache()
     assert direct.find("fdl-outage/job/stats") == markers == ["fdl-outage/job/stats/00000.json"]
     assert not direct.exists("fdl-outage/job/summary.json")
+
+
+# -- input and output must not overlap ---------------------------------------------------------------------------
+
+def _snapshot(root) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("input_uri, output_uri, how", [
+    ("X/shards/*.parquet", "X", "the input is inside the output"),
+    ("X/shards", "X", "the input is inside the output"),
+    ("X/shards/00000.parquet", "X", "the input is inside the output"),
+    ("X", "X/out", "the output is inside the input"),
+    ("X/shards/", "X/shards", "the output is inside the input"),
+])
+def test_an_output_that_overlaps_the_input_is_refused_before_anything_is_written(tmp_path, input_uri, output_uri,
+                                                                                  how):
+    (tmp_path / "X" / "shards").mkdir(parents=True)
+    _parquet(tmp_path / "X" / "shards" / "00000.parquet", 6)
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(_job(tmp_path, input={"uri": str(tmp_path / input_uri)},
+                                     output={"uri": str(tmp_path / output_uri)})))
+    before = _snapshot(tmp_path)
+    r = CliRunner().invoke(main, ["run", str(m)])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and "overlap" in line and how in line, line
+    assert str(tmp_path / output_uri) in line and str(tmp_path / input_uri) in line
+    assert _snapshot(tmp_path) == before
+
+
+def test_overlap_of_object_store_prefixes_is_refused(tmp_path):
+    m = parse_manifest(_job(tmp_path, input={"uri": str(tmp_path / "in" / "*.parquet")},
+                            output={"uri": "s3://b/runs/a"}))
+    from fastdllm.jobs.guards import check_no_overlap
+    from fastdllm.jobs.plan import make_plan
+
+    plan = make_plan(m)
+    check_no_overlap(m, plan)  # local input, S3 output: no overlap
+    m2 = m.model_copy(update={"input": m.input.model_copy(update={"uri": "s3://b/runs/*.parquet"})})
+    with pytest.raises(InvalidJob, match=r"s3://b/runs/\*.parquet and output.uri s3://b/runs/a overlap \(the "
+                                         r"output is inside the input\)"):
+        check_no_overlap(m2, plan)
+    m3 = m.model_copy(update={"input": m.input.model_copy(update={"uri": "s3://b/runs/ab/x.parquet"})})
+    check_no_overlap(m3, plan)  # a sibling prefix that shares the name's start is not inside
