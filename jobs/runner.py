@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import signal
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from fastdllm.workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingSh
 from fastdllm.workers.output import now
 from fastdllm.workers.storage import redact, storage_error
 
-from .cluster import JobInterrupted, actors_that_fit, check_reachable, connect, stop_on_signals
+from .cluster import JobInterrupted, Signals, actors_that_fit, check_reachable, connect, stop_on_signals
 from .dispatch import Dispatcher, Outcome
 from .guards import check_no_overlap, check_output_uri
 from .manifest import InvalidJob, Manifest
@@ -201,13 +202,21 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
             dashboard: bool = True) -> JobResult:
     """Run (or resume) a job; InvalidJob for a bad manifest, input, output or cluster address (or an output another
     run holds), raised before any shard runs. The result is ok only when every planned shard is committed and
-    verified. SIGTERM / SIGINT during the run stop it cleanly: JobResult.interrupted names the signal."""
+    verified. SIGTERM / SIGINT during the run stop it cleanly: JobResult.interrupted names the signal (before the
+    output is touched: JobInterrupted is raised)."""
+    with stop_on_signals() as stop:
+        return _run_job(m, stop, address=address, force=force, progress=progress, dashboard=dashboard)
+
+
+def _run_job(m: Manifest, stop: Signals, *, address: str | None, force: bool, progress: bool | None,
+             dashboard: bool) -> JobResult:
     check_model_source(m)
     check_output_uri(m)
     m = absolute_uris(m)
     plan = make_plan(m)
     check_no_overlap(m, plan)  # before anything is written
     check_reachable(address)  # before the output is touched: a wrong address costs seconds, not minutes
+    stop.check()  # a signal while planning: nothing was written, nothing to summarise
     out = open_output(m)
     lease = take_lease(out, m)
     try:
@@ -217,9 +226,10 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
         log.info("job %s: %d shards (%d rows) in %d files; %d committed, %d to run -> %s", m.name,
                  len(plan.shards), plan.rows, len(plan.files), len(done), len(pending), m.output.uri)
         t0 = time.perf_counter()
-        outcome = Outcome()
-        if pending:
-            outcome = _run_shards(m, plan, pending, address, progress, dashboard, out, lease)
+        outcome = Outcome(interrupted=stop.interrupted())
+        if pending and not outcome.interrupted:
+            outcome = _run_shards(m, plan, pending, address, progress, dashboard, out, lease, stop)
+        outcome.interrupted = outcome.interrupted or stop.interrupted()
         stopped = outcome.interrupted.args[0] if outcome.interrupted else None
         run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens,
                        wall_seconds=time.perf_counter() - t0, interrupted=stopped)
@@ -231,6 +241,9 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
             log.error("%s; rerun the same command once it is reachable", why)
             return JobResult(m.output.uri, _unverified(plan, done, outcome, run), lease.problem() or why,
                              outcome.interrupted)
+        if stop.signum is not None and not outcome.interrupted:  # while verifying
+            outcome.interrupted = stop.interrupted()
+            summary.run.interrupted = outcome.interrupted.args[0]
         if lease.problem():  # another run may own the output now: its summary is not ours to write
             log.error("%s; summary.json not written", lease.lost)
             return JobResult(m.output.uri, summary, lease.lost, outcome.interrupted)
@@ -246,22 +259,32 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
 
 
 def _run_shards(m: Manifest, plan: Plan, pending: list[Shard], address: str | None, progress: bool | None,
-                dashboard: bool, out: JobOutput, lease: Lease) -> Outcome:
+                dashboard: bool, out: JobOutput, lease: Lease, stop: Signals) -> Outcome:
     """Connect to Ray (jobs/cluster.py), size the actor pool, and run the pending shards (jobs/dispatch.py) until
     done, interrupted by a signal, or `lost()` says the output's lease went to another run."""
     import ray
 
-    session = connect(address, dashboard=dashboard)
     try:
+        session = connect(address, dashboard=dashboard)
+    except SystemExit as e:  # SIGTERM while Ray started: ray.init's own handler exits with 15
+        if e.code != signal.SIGTERM:
+            raise
+        stop.signum = stop.signum or signal.SIGTERM
+        if ray.is_initialized():
+            ray.shutdown()
+        return Outcome(interrupted=stop.interrupted())
+    stop.install()  # ray.init replaced our SIGTERM handler with its own
+    try:
+        if stop.signum is not None:  # arrived while Ray started
+            return Outcome(interrupted=stop.interrupted())
         n = min(actors_that_fit(m.workers, strict=session.started), len(pending))
         _warn_local_output(m)
         dispatcher = Dispatcher(m.name, m.workers, worker_settings(m, plan, lease.me.run_id), pending, n,
                                 progress=progress,
                                 write_log=lambda shard, attempt, text: _write_attempt_log(out, shard, attempt, text),
                                 recover=lambda shard: out.committed_record(shard.index, shard.rows),
-                                lost=lease.problem, metrics=JobMetrics(m.name))
-        with stop_on_signals():
-            return dispatcher.run()
+                                lost=lease.problem, metrics=JobMetrics(m.name), check_signals=stop.check)
+        return dispatcher.run()
     finally:
         if session.started:
             ray.shutdown()

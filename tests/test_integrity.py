@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -328,3 +332,57 @@ def test_overlap_of_object_store_prefixes_is_refused(tmp_path):
         check_no_overlap(m2, plan)
     m3 = m.model_copy(update={"input": m.input.model_copy(update={"uri": "s3://b/runs/ab/x.parquet"})})
     check_no_overlap(m3, plan)  # a sibling prefix that shares the name's start is not inside
+
+
+# -- signals at every moment of a run ---------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _driver(manifest: Path, *args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, "-m", "fastdllm.jobs.cli", "run", str(manifest), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None and path.exists(), proc.communicate()
+
+
+def _assert_clean_stop(proc: subprocess.Popen, sig, out: Path) -> None:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    assert "Traceback" not in err and "SystemError" not in err, err
+    assert err.count("rerun the same command to resume") == 1 and f"stopped by {sig.name}" in err, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["interrupted"] == sig.name and not summary["complete"], summary
+    assert not (out / "lease.json").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_signal_while_the_driver_waits_on_a_long_shard_stops_cleanly(tmp_path, ray_cluster, sig):
+    """`ray job stop` / Kubernetes while a shard runs for long: the driver waits in ray.wait, where a handler that
+    raised surfaced as SystemError (exit 1, a traceback, no summary)."""
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(_job(tmp_path, rows=6, faults={"hang": {1: 9}})))
+    proc = _driver(m, "--address", ray_cluster)
+    _wait_for(proc, tmp_path / "out" / "stats" / "00000.json")
+    time.sleep(1.5)  # shard 1 hangs: the driver is inside ray.wait
+    os.kill(proc.pid, sig)
+    _assert_clean_stop(proc, sig, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_ray_starts_stops_cleanly(tmp_path, sig):
+    """The lease is taken, then a local Ray starts (seconds): ray.init's own SIGTERM handler exited with 15."""
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(_job(tmp_path, rows=6)))
+    proc = _driver(m, "--no-dashboard")
+    _wait_for(proc, tmp_path / "out" / "lease.json")
+    os.kill(proc.pid, sig)
+    _assert_clean_stop(proc, sig, tmp_path / "out")
+    assert not (tmp_path / "out" / "stats").exists() or not list((tmp_path / "out" / "stats").iterdir())
