@@ -131,7 +131,7 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
             raise InvalidJob(f"{e}; use a new output.uri, or --force to discard the output and start over") from None
         log.warning("--force: %s; starting over", e)
         old = None
-        out.clear()
+        _force_clear(out)
     except Exception as e:  # storage errors of any fsspec backend
         raise InvalidJob(f"output.uri {m.output.uri} is not usable: {storage_error(e)}") from None
     if old is not None:
@@ -148,7 +148,11 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
                              "output.uri, or --force to discard its shards and start over")
         if changes:
             log.warning("--force: discarding the shards in %s (%s)", m.output.uri, "; ".join(changes))
-            out.clear()
+            _force_clear(out)
+    try:
+        out.clear_tmp()  # a worker killed mid-write left them; no worker of this run writes yet
+    except Exception as e:  # noqa: BLE001 - only tidiness: readers never look under _tmp/
+        log.warning("could not remove left-over temporary files in %s: %s", m.output.uri, storage_error(e))
     options, hidden = redact(m.storage_options)
     for k in hidden:
         log.warning("%s holds an inline secret; it is left out of job.json (reference an environment variable: "
@@ -161,6 +165,17 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
         out.write_job(job)
     except Exception as e:
         raise InvalidJob(f"output.uri {m.output.uri} is not writable: {storage_error(e)}") from None
+
+
+def _force_clear(out: JobOutput) -> None:
+    """--force: remove the files the job wrote (markers, data files, logs, summary, temporary files), say what."""
+    removed = out.clear()
+    kinds = {"stats/": "markers", "shards/": "data files", "logs/": "logs", "_tmp/": "temporary files"}
+    counts = {k: sum(r.startswith(p) for r in removed) for p, k in kinds.items()}
+    said = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    said += ", summary.json" if "summary.json" in removed else ""
+    log.warning("--force: removed %s from %s (files the job wrote; other files are kept)", said or "nothing",
+                out.uri)
 
 
 def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], reported: set[int], run: RunStats,

@@ -386,3 +386,51 @@ def test_a_signal_while_ray_starts_stops_cleanly(tmp_path, sig):
     os.kill(proc.pid, sig)
     _assert_clean_stop(proc, sig, tmp_path / "out")
     assert not (tmp_path / "out" / "stats").exists() or not list((tmp_path / "out" / "stats").iterdir())
+
+
+# -- temporary files; --force beside the user's files --------------------------------------------------------------
+
+def test_temporary_files_are_written_beside_the_data_and_never_read_as_data(tmp_path, monkeypatch):
+    """A writer frozen mid-write (here: the rename never happens) leaves its temporary file under _tmp/, where
+    pq.read_table(out/shards) does not look; the next run's prepare removes it (and the older *.tmp-* kind)."""
+    out = JobOutput(str(tmp_path / "out"))
+    table = pa.table({"id": pa.array([1, 2], pa.int64())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    out.write_bytes("shards/00000.parquet", data)
+    monkeypatch.setattr(out.fs, "mv", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(out.fs, "rm", lambda *a, **k: None)  # killed: no clean-up either
+    with pytest.raises(KeyboardInterrupt):
+        out.write_bytes("shards/00001.parquet", data)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == ["00000.parquet"]
+    assert pq.read_table(tmp_path / "out" / "shards").num_rows == 2
+    (left,) = (tmp_path / "out" / "_tmp").iterdir()
+    (tmp_path / "out" / "shards" / "00002.parquet.tmp-0123456789ab").write_bytes(data)  # an older version's
+    assert sorted(out.clear_tmp()) == ["_tmp/" + left.name, "shards/00002.parquet.tmp-0123456789ab"]
+    assert not left.exists() and [p.name for p in (tmp_path / "out" / "shards").iterdir()] == ["00000.parquet"]
+
+
+def test_force_removes_only_the_files_the_job_wrote_and_says_so(tmp_path, ray_cluster, caplog):
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(_job(tmp_path, rows=3)))
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    mine = {"logs/app-2026.log": b"app log", "shards/README.md": b"# notes", "stats/q3.csv": b"q,3",
+            "notes.txt": b"n", "shards/00000.parquet.bak": b"bak"}
+    for rel, data in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    (out / "logs" / "00000-attempt0.txt").write_text("an old failure")
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--force",
+                                  "--set", "decode.threshold=0.5"])
+    assert r.exit_code == 0, r.output
+    for rel, data in mine.items():
+        assert (out / rel).read_bytes() == data, rel
+    assert not (out / "logs" / "00000-attempt0.txt").exists()
+    said = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("--force: removed")]
+    assert said == [f"--force: removed 1 markers, 1 data files, 1 logs, summary.json from {out} (files the job "
+                    "wrote; other files are kept)"], said
+    assert json.loads((out / "stats" / "00000.json").read_text())["config"]["threshold"] == 0.5

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -34,7 +35,13 @@ from .storage import filesystem
 log = logging.getLogger("fastdllm.output")
 
 JOB, SUMMARY, LEASE = "job.json", "summary.json", "lease.json"
+TMP = "_tmp"  # local writes go here first, then are renamed into place (same file system, atomic)
 READ_BATCH = 32  # files fetched per fs.cat call while scanning (concurrent on object stores, bounded memory)
+
+
+_JOB_FILE = re.compile(r"stats/\d{5,}\.json|shards/\d{5,}\.(parquet|jsonl)|logs/\d{5,}-attempt\d+\.txt(\.tmp-[0-9a-f]{12})?|"
+                       r"summary\.json|_tmp/[0-9a-f]{12}-.+|(stats|shards|logs)/\d{5,}\.[a-z]+\.tmp-[0-9a-f]{12}|"
+                       r"[a-z]+\.json\.tmp-[0-9a-f]{12}")
 
 
 def now() -> str:
@@ -241,7 +248,9 @@ class JobOutput:
         path = self.path(rel)
         if isinstance(self.fs, LocalFileSystem):
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # no data-file suffix: globs of shards/*.parquet skip it
+            self.fs.makedirs(self.path(TMP), exist_ok=True)
+            # beside the data, never in it: readers of shards/ (pq.read_table, pandas, globs) see no partial file
+            tmp = self.path(f"{TMP}/{uuid.uuid4().hex[:12]}-{rel.replace('/', '-')}")
             try:
                 with self.fs.open(tmp, "wb") as f:
                     f.write(data)
@@ -296,13 +305,43 @@ class JobOutput:
     def write_log(self, shard: int, attempt: int, text: str) -> None:
         self.write_bytes(self.log_file(shard, attempt), text.encode())
 
-    def clear(self) -> None:
-        """Remove every shard, marker, log and the summary (job.json and the lease stay)."""
-        for sub in ("stats", "shards", "logs"):
-            if self.fs.exists(self.path(sub)):
-                self.fs.rm(self.path(sub), recursive=True)
-        if self.fs.exists(self.path(SUMMARY)):
-            self.fs.rm(self.path(SUMMARY))
+    def job_files(self) -> tuple[list[str], list[str]]:
+        """(files this job wrote, other files) under the output, relative to its root; job files are the commit
+        markers stats/NNNNN.json, data files shards/NNNNN.parquet|jsonl, logs/NNNNN-attemptK.txt, summary.json,
+        temporary files (under _tmp/, or beside a target as *.tmp-* from older versions). job.json and the lease
+        are neither: they stay."""
+        ours, other = [], []
+        for rel in sorted(self._listing("")):
+            if rel in (JOB, LEASE):
+                continue
+            (ours if _JOB_FILE.fullmatch(rel) else other).append(rel)
+        return ours, other
+
+    def clear(self) -> list[str]:
+        """Remove the files this job wrote (see job_files) and return them; the user's own files stay."""
+        ours, other = self.job_files()
+        for rel in ours:
+            self.fs.rm(self.path(rel))
+        for sub in ("stats", "shards", "logs", TMP):  # directories left empty
+            try:
+                if self.fs.isdir(self.path(sub)) and not self.fs.ls(self.path(sub)):
+                    self.fs.rmdir(self.path(sub))
+            except OSError:
+                pass
+        if other:
+            log.info("kept %d files in %s that this job did not write: %s", len(other), self.uri,
+                     ", ".join(other[:10]) + (" ..." if len(other) > 10 else ""))
+        return ours
+
+    def clear_tmp(self) -> list[str]:
+        """Remove left-over temporary files (a worker killed mid-write); call while holding the lease, before
+        any worker of the run writes."""
+        stale = [rel for rel in self.job_files()[0] if rel.startswith(f"{TMP}/") or ".tmp-" in rel]
+        for rel in stale:
+            self.fs.rm(self.path(rel))
+        if stale:
+            log.info("removed %d left-over temporary files in %s", len(stale), self.uri)
+        return stale
 
     # -- reading -----------------------------------------------------------------------------------------------
     def _read_json(self, rel: str):
