@@ -19,15 +19,32 @@ from fastdllm.rules import RULES
 from .manifest import InvalidJob, refuse_inline_secret
 
 
+class _Scrub(logging.Filter):
+    """Log lines without the credentials URIs may carry (http://user:pass@..., presigned parameters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fastdllm.workers.storage import scrub
+
+        msg = record.getMessage()
+        clean = scrub(msg)
+        if clean != msg:
+            record.msg, record.args = clean, ()
+        return True
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Scrub())
     for noisy in ("fsspec", "s3fs", "botocore", "aiobotocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _fail(e: InvalidJob):
-    click.echo(f"error: {e}", err=True)
+    from fastdllm.workers.storage import scrub
+
+    click.echo(scrub(f"error: {e}"), err=True)
     sys.exit(2)
 
 

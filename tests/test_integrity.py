@@ -434,3 +434,67 @@ def test_force_removes_only_the_files_the_job_wrote_and_says_so(tmp_path, ray_cl
     assert said == [f"--force: removed 1 markers, 1 data files, 1 logs, summary.json from {out} (files the job "
                     "wrote; other files are kept)"], said
     assert json.loads((out / "stats" / "00000.json").read_text())["config"]["threshold"] == 0.5
+
+
+# -- credentials inside URIs ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www (it ignores the credentials a URL carries)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    www = tmp_path / "www"
+    www.mkdir()
+
+    class Ranged(SimpleHTTPRequestHandler):  # byte ranges, as Parquet readers ask for them
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            rng = self.headers.get("Range")
+            path = Path(self.translate_path(self.path))
+            if not rng or not path.is_file():
+                return super().do_GET()
+            data = path.read_bytes()
+            a, _, b = rng.removeprefix("bytes=").partition("-")
+            start = int(a) if a else max(0, len(data) - int(b))
+            stop = min(len(data), int(b) + 1) if a and b else len(data)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+            self.send_header("Content-Length", str(stop - start))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            self.wfile.write(data[start:stop])
+
+        def end_headers(self):
+            if not self._headers_buffer or b"Accept-Ranges" not in b"".join(self._headers_buffer):
+                self.send_header("Accept-Ranges", "bytes")
+            super().end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Ranged, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, server.server_address[1]
+    server.shutdown()
+
+
+def test_credentials_in_the_input_uri_are_in_neither_job_json_nor_the_log(tmp_path, ray_cluster, http_dir):
+    www, port = http_dir
+    _parquet(www / "part-0.parquet", 3)
+    uri = f"http://alice:hunter2@127.0.0.1:{port}/part-0.parquet"
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(_job(tmp_path, input={"uri": uri})))
+    r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "-v"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    text = "".join(p.read_text() for p in out.rglob("*.json")) + r.output
+    assert "hunter2" not in text and "alice:<redacted>@" in (out / "job.json").read_text()
+    assert (out / "job.json").read_text().count("alice:<redacted>@") >= 2  # the manifest and the plan's file
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    m.write_text(yaml.safe_dump(_job(tmp_path, input={"uri": f"http://alice:hunter2@127.0.0.1:"
+                                                      f"{closed.getsockname()[1]}/x/*.parquet"})))
+    closed.close()
+    r = CliRunner().invoke(main, ["run", str(m)])
+    assert r.exit_code == 2 and "hunter2" not in r.output and "alice:<redacted>@" in r.output, r.output

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta, timezone
 from fsspec.implementations.local import LocalFileSystem
 
 from .stats import ShardStats
-from .storage import filesystem
+from .storage import filesystem, scrub, scrub_all
 
 log = logging.getLogger("fastdllm.output")
 
@@ -269,7 +269,8 @@ class JobOutput:
             raise OSError(f"{self.uri}/{rel}: wrote {len(data)} bytes but the store holds {size}")
 
     def write_json(self, rel: str, obj) -> None:
-        self.write_bytes(rel, (json.dumps(obj, indent=2) + "\n").encode())
+        """Write `obj` as JSON, with credentials inside URIs and messages scrubbed (workers/storage.py)."""
+        self.write_bytes(rel, (json.dumps(scrub_all(obj), indent=2) + "\n").encode())
 
     def commit(self, shard: int, data: bytes, rows: int, finish: Callable[[DataFile], ShardRecord],
                run_id: str | None = None) -> ShardRecord:
@@ -303,7 +304,7 @@ class JobOutput:
         self.write_json(SUMMARY, summary.to_dict())
 
     def write_log(self, shard: int, attempt: int, text: str) -> None:
-        self.write_bytes(self.log_file(shard, attempt), text.encode())
+        self.write_bytes(self.log_file(shard, attempt), scrub(text).encode())
 
     def job_files(self) -> tuple[list[str], list[str]]:
         """(files this job wrote, other files) under the output, relative to its root; job files are the commit
