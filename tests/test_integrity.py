@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ from click.testing import CliRunner
 
 from fastdllm.jobs import InvalidJob, parse_manifest, run_job
 from fastdllm.jobs.cli import main
-from fastdllm.workers import JobOutput, Lease, Shard, ShardDataError
+from fastdllm.workers import JobOutput, Lease, LeaseHeld, Shard, ShardDataError, ShardRecord, ShardStats
 from fastdllm.workers.output import Superseded
 from .conftest import own_local_ray
 from fastdllm.workers import inputs
@@ -498,3 +499,96 @@ def test_credentials_in_the_input_uri_are_in_neither_job_json_nor_the_log(tmp_pa
     closed.close()
     r = CliRunner().invoke(main, ["run", str(m)])
     assert r.exit_code == 2 and "hunter2" not in r.output and "alice:<redacted>@" in r.output, r.output
+
+
+# -- one line and exit 2 (or the documented behaviour) -----------------------------------------------------------
+
+def _one_line_exit_2(r, *needles) -> None:
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"decode": {"threshold": "high"}}, "decode.threshold must be a number, got 'high'"),
+    ({"decode": {"temperature": "hot"}}, "decode.temperature must be a number, got 'hot'"),
+    ({"decode": {"gen_length": 8.5}}, "decode.gen_length must be an integer, got 8.5"),
+    ({"decode": {"num_samples": 10 ** 11, "temperature": 1.0}}, "num_samples"),
+    ({"output": {"lease_s": float("inf")}}, "lease_s"),
+    ({"output": {"uri": ""}}, "output.uri is empty"),
+])
+def test_bad_manifest_values_are_one_line(tmp_path, over, needle):
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(_job(tmp_path, **over)))
+    for cmd in (["run", str(m)], ["plan", str(m)]) if "uri" not in over.get("output", {}) else (["run", str(m)],):
+        _one_line_exit_2(CliRunner().invoke(main, cmd), needle)
+    assert not (tmp_path / "out").exists() and not any(p.name == "job.json" for p in Path.cwd().iterdir())
+
+
+def test_a_binary_manifest_and_a_yaml_alias_bomb_are_one_line(tmp_path):
+    m = tmp_path / "job.yaml"
+    m.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    _one_line_exit_2(CliRunner().invoke(main, ["plan", str(m)]), "is not a text (UTF-8) YAML file")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    m.write_text(bomb + "name: t\n")
+    t0 = time.monotonic()
+    _one_line_exit_2(CliRunner().invoke(main, ["plan", str(m)]), "expands to more than 100000 values")
+    assert time.monotonic() - t0 < 20  # it returned: 10^9 values were never walked
+
+
+def test_a_job_json_of_the_wrong_shape_is_one_line_in_run_and_status(tmp_path):
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(_job(tmp_path)))
+    (tmp_path / "out").mkdir()
+    for bad in ([1, 2], {"name": "t", "plan": {"shards": "all", "rows": 3}}, {"name": "t", "plan": []},
+                {"name": "t", "plan": {"rows": 3, "shards": [{"index": 0, "start": "a", "stop": 3}]}}):
+        (tmp_path / "out" / "job.json").write_text(json.dumps(bad))
+        _one_line_exit_2(CliRunner().invoke(main, ["status", str(tmp_path / "out")]), "is not a job description")
+        _one_line_exit_2(CliRunner().invoke(main, ["run", str(m)]), "is not a job description", "--force")
+
+
+def test_a_lease_without_a_timezone_is_read_as_utc(tmp_path):
+    out = JobOutput(str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    naive = (datetime.now(timezone.utc) + timedelta(seconds=300)).replace(tzinfo=None).isoformat()
+    (tmp_path / "out" / "lease.json").write_text(json.dumps({"holder": "elsewhere:1", "run_id": "r" * 32,
+                                                             "expires_at": naive}))
+    with pytest.raises(LeaseHeld, match="in use by another run: lease held by elsewhere:1"):
+        Lease(out, ttl_s=30).acquire()
+    expired = (datetime.now(timezone.utc) - timedelta(seconds=5)).replace(tzinfo=None).isoformat()
+    (tmp_path / "out" / "lease.json").write_text(json.dumps({"holder": "elsewhere:1", "run_id": "r" * 32,
+                                                             "expires_at": expired}))
+    lease = Lease(out, ttl_s=30)
+    lease.acquire()  # expired: taken over
+    lease.release()
+
+
+def test_markers_with_impossible_counters_are_not_commits(tmp_path):
+    out = JobOutput(str(tmp_path / "out"))
+    rec = ShardRecord(shard=0, stats=ShardStats(shards=1, rows=3, generated_tokens=12),
+                      file=out.commit(0, b"data", 3, lambda f: ShardRecord(0, ShardStats(shards=1, rows=3), f)).file)
+    for field_, value, why in (("generated_tokens", -5, "generated_tokens negative"),
+                               ("error_rows", 10 ** 9, "1000000000 error rows of 3")):
+        d = rec.to_dict()
+        d[field_] = value
+        (tmp_path / "out" / "stats" / "00000.json").write_text(json.dumps(d))
+        scan = out.scan({0: 3})
+        assert scan.committed == {} and why in scan.damaged[0], scan.damaged
+
+
+def test_status_does_not_call_a_dead_drivers_lease_running(tmp_path):
+    out = JobOutput(str(tmp_path / "out"))
+    out.write_job({"name": "t", "plan": {"rows": 3, "shards": [{"index": 0, "start": 0, "stop": 3}]}})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    until = (datetime.now(timezone.utc) + timedelta(seconds=300)).isoformat()
+    (tmp_path / "out" / "lease.json").write_text(json.dumps({"holder": f"{socket.gethostname()}:{dead.pid}",
+                                                             "run_id": "r" * 32, "expires_at": until}))
+    r = CliRunner().invoke(main, ["status", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "running" not in r.output and "0/1 shards committed" in r.output, r.output
+    (tmp_path / "out" / "lease.json").write_text(json.dumps({"holder": f"{socket.gethostname()}:{os.getpid()}",
+                                                             "run_id": "r" * 32, "expires_at": until}))
+    assert "running: lease held by" in CliRunner().invoke(main, ["status", str(tmp_path / "out")]).output

@@ -48,6 +48,12 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _utc(stamp: str) -> datetime:
+    """An ISO 8601 time; one without a timezone (written by hand or another tool) is taken as UTC."""
+    t = datetime.fromisoformat(stamp)
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
 def crc32(data: bytes) -> str:
     return f"{zlib.crc32(data):08x}"
 
@@ -99,9 +105,16 @@ class ShardRecord:
             file = DataFile(path=str(f["path"]), size=int(f["size"]), rows=int(f["rows"]), crc32=str(f["crc32"]))
             meta = {k: d[k] for k in ("worker", "device", "model", "config", "attempt", "started_at", "finished_at")
                     if k in d}
-            return cls(shard=int(d["shard"]), stats=ShardStats.from_dict(d), file=file, **meta)
+            rec = cls(shard=int(d["shard"]), stats=ShardStats.from_dict(d), file=file, **meta)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"incomplete marker ({type(e).__name__}: {e})") from None
+        st = rec.stats.to_dict()
+        bad = [k for k, v in st.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0]
+        if bad or file.size < 0 or file.rows < 0:
+            raise ValueError(f"impossible counters: {', '.join(bad) or 'file size or rows'} negative")
+        if rec.stats.error_rows > rec.stats.rows:
+            raise ValueError(f"impossible counters: {rec.stats.error_rows} error rows of {rec.stats.rows}")
+        return rec
 
 
 @dataclass(frozen=True)
@@ -186,7 +199,7 @@ class LeaseInfo:
     expires_at: str  # ISO 8601, UTC
 
     def expired(self) -> bool:
-        return datetime.fromisoformat(self.expires_at) <= datetime.now(timezone.utc)
+        return _utc(self.expires_at) <= datetime.now(timezone.utc)
 
     def holder_is_dead(self) -> bool:
         """True only when the holder provably is gone: a process on this host that no longer exists."""
@@ -357,9 +370,23 @@ class JobOutput:
             raise ValueError(f"{self.uri}/{rel} is not valid JSON ({len(raw)} bytes: {e})") from None
 
     def read_job(self) -> dict | None:
-        """job.json, None when absent; ValueError naming the file when it cannot be parsed."""
+        """job.json, None when absent; ValueError naming the file when it cannot be parsed or is not a job's
+        description (a plan of shards with index, start and stop)."""
         self.fs.invalidate_cache()
-        return self._read_json(JOB)
+        job = self._read_json(JOB)
+        if job is None:
+            return None
+        try:
+            plan = job["plan"]
+            for sh in plan["shards"]:
+                if not all(type(sh[k]) is int for k in ("index", "start", "stop")) or sh["stop"] < sh["start"]:
+                    raise ValueError(f"shard {sh!r}")
+            if type(plan["rows"]) is not int or not isinstance(job["name"], str) or not isinstance(
+                    job.get("manifest", {}), dict) or not isinstance(job.get("identity", {}), dict):
+                raise ValueError("rows, name, manifest or identity")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.uri}/{JOB} is not a job description ({type(e).__name__}: {e})") from None
+        return job
 
     def read_summary(self) -> JobSummary | None:
         """The last run's summary; None (with a warning naming the file) when absent or unreadable."""
@@ -458,7 +485,7 @@ class JobOutput:
             d = self._read_json(LEASE)
             if d is None:
                 return None
-            datetime.fromisoformat(d["expires_at"])  # a malformed expiry: unreadable, like malformed JSON
+            _utc(d["expires_at"])  # a malformed expiry: unreadable, like malformed JSON
             return LeaseInfo(holder=str(d["holder"]), run_id=str(d["run_id"]), expires_at=d["expires_at"])
         except (ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable lease %s/%s: %s", self.uri, LEASE, e)
