@@ -15,7 +15,7 @@ import fastdllm
 from fastdllm.workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard, ShardRecord,
                      ShardStats, WorkerSettings)
 from fastdllm.workers.output import now
-from fastdllm.workers.storage import redact, storage_error
+from fastdllm.workers.storage import redact, scrub_all, storage_error
 
 from .cluster import JobInterrupted, Signals, actors_that_fit, check_reachable, connect, stop_on_signals
 from .dispatch import Dispatcher, Outcome
@@ -123,7 +123,7 @@ def take_lease(out: JobOutput, m: Manifest) -> Lease:
 def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None:
     """Check an existing output against this job (refuse a changed input or config unless forced), then write
     job.json. Call it holding the output's lease. An unwritable output raises InvalidJob before any work."""
-    ident = _identity(m)
+    ident = scrub_all(_identity(m))  # as job.json records it (credentials in URIs scrubbed), so a rerun matches
     try:
         old = out.read_job()
     except ValueError as e:
