@@ -110,13 +110,16 @@ def run(manifest, overrides, address, force, progress, dashboard, verbose):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(manifest, overrides, as_json):
     """Validate MANIFEST and print its shard plan (shards, rows, input files); writes nothing."""
+    from .guards import check_no_overlap, check_output_uri
     from .manifest import load_manifest
     from .plan import check_model_source, make_plan
 
     try:
         spec = load_manifest(manifest, overrides)
         check_model_source(spec)
+        check_output_uri(spec)
         p = make_plan(spec)
+        check_no_overlap(spec, p)  # what `run` would refuse
     except InvalidJob as e:
         _fail(e)
     if as_json:
