@@ -20,15 +20,32 @@ from fastdllm.rules import RULES
 from .manifest import InvalidJob, refuse_inline_secret
 
 
+class _Scrub(logging.Filter):
+    """Log lines without the credentials URIs may carry (http://user:pass@..., presigned parameters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fastdllm.workers.storage import scrub
+
+        msg = record.getMessage()
+        clean = scrub(msg)
+        if clean != msg:
+            record.msg, record.args = clean, ()
+        return True
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Scrub())
     for noisy in ("fsspec", "s3fs", "botocore", "aiobotocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _fail(e: InvalidJob):
-    click.echo(f"error: {e}", err=True)
+    from fastdllm.workers.storage import scrub
+
+    click.echo(scrub(f"error: {e}"), err=True)
     sys.exit(2)
 
 
@@ -191,13 +208,16 @@ def run_batch(input_uri, output_uri, source, work_dir, gen_length, block_length,
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(manifest, overrides, as_json):
     """Validate MANIFEST and print its shard plan (shards, rows, input files); writes nothing."""
+    from .guards import check_no_overlap, check_output_uri
     from .manifest import load_manifest
     from .plan import check_model_source, make_plan
 
     try:
         spec = load_manifest(manifest, overrides)
         check_model_source(spec)
+        check_output_uri(spec)
         p = make_plan(spec)
+        check_no_overlap(spec, p)  # what `run` would refuse
     except InvalidJob as e:
         _fail(e)
     if as_json:

@@ -138,22 +138,47 @@ class JobInterrupted(BaseException):
         return 128 + self.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
+class Signals:
+    """SIGTERM and SIGINT recorded by a handler that never raises: `check()` raises JobInterrupted at the driver's
+    safe points (each turn of the dispatch loop, between the steps of a run). A handler that raised inside a Ray
+    call (ray.wait in C++) would surface as SystemError with a traceback; Ray's own SIGTERM handler, which
+    ray.init installs, would exit with 15. A second signal while stopping is ignored."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.active = False
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def install(self) -> None:
+        """(Re)install the handler, e.g. after ray.init replaced it; no-op off the main thread."""
+        if self.active:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, self._handler)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise JobInterrupted(self.signum)
+
+    def interrupted(self) -> JobInterrupted | None:
+        return JobInterrupted(self.signum) if self.signum is not None else None
+
+
 @contextmanager
 def stop_on_signals():
-    """Within the block, SIGTERM and SIGINT raise JobInterrupted in the main thread (Ray's own SIGTERM handler
-    would exit mid-call and abort in its C++ teardown). A second signal while stopping is ignored."""
+    """Within the block, SIGTERM and SIGINT are recorded on the yielded Signals (main thread only; elsewhere the
+    Signals never fires); the handlers in place before are restored after it."""
+    sig = Signals()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield sig
         return
-
-    def handler(signum, frame):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, signal.SIG_IGN)
-        raise JobInterrupted(signum)
-
-    before = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    sig.active = True
+    sig.install()
     try:
-        yield
+        yield sig
     finally:
         for s, h in before.items():
             signal.signal(s, h)

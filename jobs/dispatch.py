@@ -87,12 +87,13 @@ class Dispatcher:
     def __init__(self, name: str, w: WorkersSpec, settings: WorkerSettings, shards: list[Shard], n_actors: int, *,
                  write_log: Callable[[Shard, int, str], None], lost: Callable[[], str | None] = lambda: None,
                  recover: Callable[[Shard], ShardRecord | None] = lambda shard: None,
-                 metrics=None, progress: bool | None = None):
+                 metrics=None, progress: bool | None = None, check_signals: Callable[[], None] = lambda: None):
         import ray
 
         self.name, self.w, self.settings = name, w, settings
         self.write_log, self.lost, self.metrics, self.progress = write_log, lost, metrics, progress
         self.recover = recover  # a shard's verified commit record, for shards whose worker died after committing
+        self.check_signals = check_signals  # raises JobInterrupted once SIGTERM / SIGINT arrived (jobs/cluster.py)
         self.bar = None
         self.actor_cls = ray.remote(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0,
                                     max_concurrency=w.shards_per_actor)(WorkerActor)
@@ -350,11 +351,13 @@ class Dispatcher:
         with logging_redirect_tqdm() if not bar.disable else nullcontext():  # log lines above the bar
             try:
                 while self.queue or any(s.state == "busy" for s in self.slots):
+                    self.check_signals()
                     if self.lost():
                         self._stop(f"not finished: {self.lost()}")
                         break
                     self._dispatch()
                     ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=1.0) if self.refs else ([], [])
+                    self.check_signals()
                     if ready:
                         self._handle(ready[0], bar)
                     now = time.monotonic()

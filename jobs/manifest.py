@@ -3,6 +3,7 @@ the field. `load_manifest(path, overrides)` reads YAML, applies `--set key.path=
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,10 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 import fastdllm
 from fastdllm.workers.inputs import FORMATS
 from fastdllm.workers.shard import OUTPUT_FORMATS
+
+
+MAX_SAMPLES = 10_000  # decode.num_samples: output rows per prompt
+MAX_NODES = 100_000  # values a manifest may expand to (YAML aliases included)
 
 
 class InvalidJob(ValueError):
@@ -30,7 +35,7 @@ class DecodeSpec(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
     config: fastdllm.DecodeConfig
-    num_samples: int = Field(1, ge=1)
+    num_samples: int = Field(1, ge=1, le=MAX_SAMPLES)
     structured_outputs: fastdllm.StructuredOutputs | None = None
     structured_column: str | None = None  # structured_outputs: {column: NAME}: each row's constraint from NAME
 
@@ -40,6 +45,14 @@ class DecodeSpec(BaseModel):
         if isinstance(v, dict):
             v = dict(v)
             n = v.pop("num_samples", 1)
+            for f in dataclasses.fields(fastdllm.DecodeConfig):  # a string where a number goes: one line
+                kinds = [k.strip() for k in str(f.type).replace("'", "").split("|")]
+                want = {"float": (int, float), "int": (int,)}.get(kinds[0])
+                x = v.get(f.name)
+                if want and f.name in v and not (x is None and "None" in kinds) and (
+                        isinstance(x, bool) or not isinstance(x, want)):
+                    raise ValueError(f"decode.{f.name} must be {'an integer' if kinds[0] == 'int' else 'a number'}, "
+                                     f"got {x!r}")
             so = v.pop("structured_outputs", None)
             column = None
             if isinstance(so, dict) and "column" in so:
@@ -148,7 +161,7 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     uri: str = Field(description="Directory (fsspec URI) for job.json, shards/, stats/, summary.json.")
     format: Literal[OUTPUT_FORMATS] = Field("parquet", description="Shard files: parquet or jsonl.")
-    lease_s: float = Field(60, gt=0, description=(
+    lease_s: float = Field(60, gt=0, le=86400, allow_inf_nan=False, description=(
         "Seconds the running driver's lease on the output lasts unless renewed (it renews every lease_s / 4). "
         "Another run is refused while it holds; a driver killed on another host blocks new runs this long."))
 
@@ -302,8 +315,28 @@ def load_manifest(path, overrides=()) -> Manifest:
         raw = yaml.safe_load(p.read_text())
     except OSError as e:
         raise InvalidJob(f"cannot read manifest {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidJob(f"manifest {p} is not a text (UTF-8) YAML file: byte {e.start} is {e.object[e.start]:#04x}; "
+                         "pass the job's .yaml file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark else ""
         raise InvalidJob(f"manifest {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    _check_size(raw, str(p))
     return parse_manifest(raw, overrides, source=str(p))
+
+
+def _check_size(raw, source: str) -> None:
+    """Refuse a manifest whose values expand past MAX_NODES (YAML aliases can nest into billions: the
+    'billion laughs'); counted with the expansion, stopping at the limit, so the check itself is quick."""
+    n, todo = 0, [raw]
+    while todo:
+        v = todo.pop()
+        n += 1
+        if n > MAX_NODES:
+            raise InvalidJob(f"{source} expands to more than {MAX_NODES} values (nested YAML aliases?); write the "
+                             "manifest out without them")
+        if isinstance(v, dict):
+            todo += list(v.values())
+        elif isinstance(v, list):
+            todo += v

@@ -7,18 +7,19 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import fastdllm
 from fastdllm.workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard, ShardRecord,
                      ShardStats, WorkerSettings)
 from fastdllm.workers.output import now
-from fastdllm.workers.storage import redact, storage_error
+from fastdllm.workers.storage import redact, scrub_all, storage_error
 
-from .cluster import JobInterrupted, actors_that_fit, check_reachable, connect, stop_on_signals
+from .cluster import JobInterrupted, Signals, actors_that_fit, check_reachable, connect, stop_on_signals
 from .dispatch import Dispatcher, Outcome
+from .guards import check_no_overlap, check_output_uri
 from .manifest import InvalidJob, Manifest
 from .metrics import JobMetrics
 from .plan import Plan, check_model_source, make_plan
@@ -59,8 +60,8 @@ def absolute_uris(m: Manifest) -> Manifest:
                                 "model": m.model.model_copy(update={"source": source})})
 
 
-def worker_settings(m: Manifest, plan: Plan) -> WorkerSettings:
-    return WorkerSettings(
+def worker_settings(m: Manifest, plan: Plan, run_id: str | None = None) -> WorkerSettings:
+    return WorkerSettings(run_id=run_id,
         model_source=m.model.source, model_revision=m.model.revision, dtype=m.model.dtype, device=m.model.device,
         chat_template=m.model.chat_template, system_prompt=m.model.system_prompt,
         trust_remote_code=m.model.trust_remote_code, decode=m.decode.config, num_samples=m.decode.num_samples,
@@ -126,7 +127,7 @@ def take_lease(out: JobOutput, m: Manifest) -> Lease:
 def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None:
     """Check an existing output against this job (refuse a changed input or config unless forced), then write
     job.json. Call it holding the output's lease. An unwritable output raises InvalidJob before any work."""
-    ident = _identity(m)
+    ident = scrub_all(_identity(m))  # as job.json records it (credentials in URIs scrubbed), so a rerun matches
     try:
         old = out.read_job()
     except ValueError as e:
@@ -134,7 +135,7 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
             raise InvalidJob(f"{e}; use a new output.uri, or --force to discard the output and start over") from None
         log.warning("--force: %s; starting over", e)
         old = None
-        out.clear()
+        _force_clear(out)
     except Exception as e:  # storage errors of any fsspec backend
         raise InvalidJob(f"output.uri {m.output.uri} is not usable: {storage_error(e)}") from None
     if old is not None:
@@ -151,7 +152,11 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
                              "output.uri, or --force to discard its shards and start over")
         if changes:
             log.warning("--force: discarding the shards in %s (%s)", m.output.uri, "; ".join(changes))
-            out.clear()
+            _force_clear(out)
+    try:
+        out.clear_tmp()  # a worker killed mid-write left them; no worker of this run writes yet
+    except Exception as e:  # noqa: BLE001 - only tidiness: readers never look under _tmp/
+        log.warning("could not remove left-over temporary files in %s: %s", m.output.uri, storage_error(e))
     options, hidden = redact(m.storage_options)
     for k in hidden:
         log.warning("%s holds an inline secret; it is left out of job.json (reference an environment variable: "
@@ -164,6 +169,17 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
         out.write_job(job)
     except Exception as e:
         raise InvalidJob(f"output.uri {m.output.uri} is not writable: {storage_error(e)}") from None
+
+
+def _force_clear(out: JobOutput) -> None:
+    """--force: remove the files the job wrote (markers, data files, logs, summary, temporary files), say what."""
+    removed = out.clear()
+    kinds = {"stats/": "markers", "shards/": "data files", "logs/": "logs", "_tmp/": "temporary files"}
+    counts = {k: sum(r.startswith(p) for r in removed) for p, k in kinds.items()}
+    said = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    said += ", summary.json" if "summary.json" in removed else ""
+    log.warning("--force: removed %s from %s (files the job wrote; other files are kept)", said or "nothing",
+                out.uri)
 
 
 def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], reported: set[int], run: RunStats,
@@ -191,15 +207,35 @@ def summarize(out: JobOutput, plan: Plan, failed: dict[int, MissingShard], repor
                       too_many_errors=error_policy(totals, max_error_rate))
 
 
+def _unverified(plan: Plan, done: dict[int, ShardRecord], outcome: Outcome, run: RunStats) -> JobSummary:
+    """A summary from what this run knows when the output cannot be read back: the shards verified at the start
+    and those workers reported; every other planned shard missing."""
+    have = set(done) | outcome.reported
+    missing = [outcome.failed.get(s.index) or MissingShard(s.index, "not_run", "not run")
+               for s in plan.shards if s.index not in have]
+    return JobSummary(shards=len(plan.shards), committed=len(have), missing=missing,
+                      totals=sum((r.stats for r in done.values()), ShardStats()), run=run)
+
+
 def run_job(m: Manifest, *, address: str | None = None, force: bool = False, progress: bool | None = None,
             dashboard: bool = True) -> JobResult:
     """Run (or resume) a job; InvalidJob for a bad manifest, input, output or cluster address (or an output another
     run holds), raised before any shard runs. The result is ok only when every planned shard is committed and
-    verified. SIGTERM / SIGINT during the run stop it cleanly: JobResult.interrupted names the signal."""
+    verified. SIGTERM / SIGINT during the run stop it cleanly: JobResult.interrupted names the signal (before the
+    output is touched: JobInterrupted is raised)."""
+    with stop_on_signals() as stop:
+        return _run_job(m, stop, address=address, force=force, progress=progress, dashboard=dashboard)
+
+
+def _run_job(m: Manifest, stop: Signals, *, address: str | None, force: bool, progress: bool | None,
+             dashboard: bool) -> JobResult:
     check_model_source(m)
+    check_output_uri(m)
     m = absolute_uris(m)
     plan = make_plan(m)
+    check_no_overlap(m, plan)  # before anything is written
     check_reachable(address)  # before the output is touched: a wrong address costs seconds, not minutes
+    stop.check()  # a signal while planning: nothing was written, nothing to summarise
     out = open_output(m)
     lease = take_lease(out, m)
     try:
@@ -209,15 +245,26 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
         log.info("job %s: %d shards (%d rows) in %d files; %d committed, %d to run -> %s", m.name,
                  len(plan.shards), plan.rows, len(plan.files), len(done), len(pending), m.output.uri)
         t0 = time.perf_counter()
-        outcome = Outcome()
-        if pending:
-            outcome = _run_shards(m, plan, pending, address, progress, dashboard, out, lambda: lease.lost)
+        outcome = Outcome(interrupted=stop.interrupted())
+        if pending and not outcome.interrupted:
+            outcome = _run_shards(m, plan, pending, address, progress, dashboard, out, lease, stop)
+        outcome.interrupted = outcome.interrupted or stop.interrupted()
         stopped = outcome.interrupted.args[0] if outcome.interrupted else None
         run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens,
                        wall_seconds=time.perf_counter() - t0, interrupted=stopped)
-        summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done,
-                            max_error_rate=m.workers.max_error_rate)
-        if lease.lost:  # another run owns the output now: its summary is not ours to write
+        try:
+            summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done,
+                                max_error_rate=m.workers.max_error_rate)
+        except Exception as e:  # the store went away at the end (an outage: any exception type)
+            why = f"could not verify the output in {m.output.uri}: {storage_error(e)}"
+            log.error("%s; rerun the same command once it is reachable", why)
+            return JobResult(m.output.uri, _unverified(plan, done, outcome, run), lease.problem() or why,
+                             outcome.interrupted)
+        if stop.signum is not None and not outcome.interrupted:  # while verifying
+            outcome.interrupted = stop.interrupted()
+            summary.run.interrupted = outcome.interrupted.args[0]
+        if lease.problem():  # another run may own the output now: its summary is not ours to write
+            log.error("%s; summary.json not written", lease.lost)
             return JobResult(m.output.uri, summary, lease.lost, outcome.interrupted)
         try:
             out.write_summary(summary)
@@ -231,21 +278,32 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
 
 
 def _run_shards(m: Manifest, plan: Plan, pending: list[Shard], address: str | None, progress: bool | None,
-                dashboard: bool, out: JobOutput, lost: Callable[[], str | None]) -> Outcome:
+                dashboard: bool, out: JobOutput, lease: Lease, stop: Signals) -> Outcome:
     """Connect to Ray (jobs/cluster.py), size the actor pool, and run the pending shards (jobs/dispatch.py) until
     done, interrupted by a signal, or `lost()` says the output's lease went to another run."""
     import ray
 
-    session = connect(address, dashboard=dashboard)
     try:
+        session = connect(address, dashboard=dashboard)
+    except SystemExit as e:  # SIGTERM while Ray started: ray.init's own handler exits with 15
+        if e.code != signal.SIGTERM:
+            raise
+        stop.signum = stop.signum or signal.SIGTERM
+        if ray.is_initialized():
+            ray.shutdown()
+        return Outcome(interrupted=stop.interrupted())
+    stop.install()  # ray.init replaced our SIGTERM handler with its own
+    try:
+        if stop.signum is not None:  # arrived while Ray started
+            return Outcome(interrupted=stop.interrupted())
         n = min(actors_that_fit(m.workers, strict=session.started), len(pending))
         _warn_local_output(m)
-        dispatcher = Dispatcher(m.name, m.workers, worker_settings(m, plan), pending, n, progress=progress,
+        dispatcher = Dispatcher(m.name, m.workers, worker_settings(m, plan, lease.me.run_id), pending, n,
+                                progress=progress,
                                 write_log=lambda shard, attempt, text: _write_attempt_log(out, shard, attempt, text),
                                 recover=lambda shard: out.committed_record(shard.index, shard.rows),
-                                lost=lost, metrics=JobMetrics(m.name))
-        with stop_on_signals():
-            return dispatcher.run()
+                                lost=lease.problem, metrics=JobMetrics(m.name), check_signals=stop.check)
+        return dispatcher.run()
     finally:
         if session.started:
             ray.shutdown()

@@ -64,7 +64,8 @@ def job_status(uri: str, storage_options: dict | None = None, verify: bool = Tru
     lease = out.read_lease()
     return JobStatus(name=job["name"], uri=uri, shards=len(planned), rows=job["plan"]["rows"],
                      committed=scan.committed, pending=pending, problems=problems,
-                     lease=lease if lease is not None and not lease.expired() else None,
+                     lease=lease if lease is not None and not lease.expired() and not lease.holder_is_dead()
+                     else None,
                      max_error_rate=manifest.get("workers", {}).get("max_error_rate", 1.0))
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -29,11 +30,12 @@ from datetime import datetime, timedelta, timezone
 from fsspec.implementations.local import LocalFileSystem
 
 from .stats import ShardStats
-from .storage import filesystem
+from .storage import filesystem, scrub, scrub_all
 
 log = logging.getLogger("fastdllm.output")
 
 JOB, SUMMARY, LEASE = "job.json", "summary.json", "lease.json"
+TMP = "_tmp"  # local writes go here first, then are renamed into place (same file system, atomic)
 READ_BATCH = 32  # files fetched per fs.cat call while scanning (concurrent on object stores, bounded memory)
 
 
@@ -43,8 +45,19 @@ def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
+_JOB_FILE = re.compile(r"stats/\d{5,}\.json|shards/\d{5,}\.(parquet|jsonl)|logs/\d{5,}-attempt\d+\.txt(\.tmp-[0-9a-f]{12})?|"
+                       r"summary\.json|_tmp/[0-9a-f]{12}-.+|(stats|shards|logs)/\d{5,}\.[a-z]+\.tmp-[0-9a-f]{12}|"
+                       r"[a-z]+\.json\.tmp-[0-9a-f]{12}")
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _utc(stamp: str) -> datetime:
+    """An ISO 8601 time; one without a timezone (written by hand or another tool) is taken as UTC."""
+    t = datetime.fromisoformat(stamp)
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
 
 def crc32(data: bytes) -> str:
@@ -98,9 +111,16 @@ class ShardRecord:
             file = DataFile(path=str(f["path"]), size=int(f["size"]), rows=int(f["rows"]), crc32=str(f["crc32"]))
             meta = {k: d[k] for k in ("worker", "device", "model", "config", "attempt", "started_at", "finished_at")
                     if k in d}
-            return cls(shard=int(d["shard"]), stats=ShardStats.from_dict(d), file=file, **meta)
+            rec = cls(shard=int(d["shard"]), stats=ShardStats.from_dict(d), file=file, **meta)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"incomplete marker ({type(e).__name__}: {e})") from None
+        st = rec.stats.to_dict()
+        bad = [k for k, v in st.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0]
+        if bad or file.size < 0 or file.rows < 0:
+            raise ValueError(f"impossible counters: {', '.join(bad) or 'file size or rows'} negative")
+        if rec.stats.error_rows > rec.stats.rows:
+            raise ValueError(f"impossible counters: {rec.stats.error_rows} error rows of {rec.stats.rows}")
+        return rec
 
 
 @dataclass(frozen=True)
@@ -185,7 +205,7 @@ class LeaseInfo:
     expires_at: str  # ISO 8601, UTC
 
     def expired(self) -> bool:
-        return datetime.fromisoformat(self.expires_at) <= datetime.now(timezone.utc)
+        return _utc(self.expires_at) <= datetime.now(timezone.utc)
 
     def holder_is_dead(self) -> bool:
         """True only when the holder provably is gone: a process on this host that no longer exists."""
@@ -202,6 +222,10 @@ class LeaseInfo:
 
     def describe(self) -> str:
         return f"{self.holder} (run {self.run_id[:8]}) until {self.expires_at}"
+
+
+class Superseded(RuntimeError):
+    """A worker's run no longer holds the output's lease: it must not write."""
 
 
 class LeaseHeld(RuntimeError):
@@ -252,7 +276,9 @@ class JobOutput:
         path = self.path(rel)
         if isinstance(self.fs, LocalFileSystem):
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # no data-file suffix: globs of shards/*.parquet skip it
+            self.fs.makedirs(self.path(TMP), exist_ok=True)
+            # beside the data, never in it: readers of shards/ (pq.read_table, pandas, globs) see no partial file
+            tmp = self.path(f"{TMP}/{uuid.uuid4().hex[:12]}-{rel.replace('/', '-')}")
             try:
                 with self.fs.open(tmp, "wb") as f:
                     f.write(data)
@@ -271,17 +297,33 @@ class JobOutput:
             raise OSError(f"{self.uri}/{rel}: wrote {len(data)} bytes but the store holds {size}")
 
     def write_json(self, rel: str, obj) -> None:
-        self.write_bytes(rel, (json.dumps(obj, indent=2) + "\n").encode())
+        """Write `obj` as JSON, with credentials inside URIs and messages scrubbed (workers/storage.py)."""
+        self.write_bytes(rel, (json.dumps(scrub_all(obj), indent=2) + "\n").encode())
 
-    def commit(self, shard: int, data: bytes, rows: int, finish: Callable[[DataFile], ShardRecord]) -> ShardRecord:
+    def commit(self, shard: int, data: bytes, rows: int, finish: Callable[[DataFile], ShardRecord],
+               run_id: str | None = None) -> ShardRecord:
         """Commit a shard: write its data file, then `finish(data file)` builds the record (so its timings can
         include the write) and the marker is written last. Until the marker lands the shard is not committed;
-        a marker always describes the data file beside it."""
+        a marker always describes the data file beside it. With `run_id`, the output's lease is checked to be
+        that run's (and live) before each of the two writes: a superseded run never commits (Superseded)."""
         file = DataFile.of(self.shard_file(shard), data, rows)
+        self.check_lease(run_id)
         self.write_bytes(file.path, data)
         record = finish(file)
+        self.check_lease(run_id)
         self.write_json(self.marker_file(shard), record.to_dict())
         return record
+
+    def check_lease(self, run_id: str | None) -> None:
+        """Raise Superseded unless the output's current lease belongs to run `run_id` and has not expired (no-op
+        for None: a worker used outside a job)."""
+        if run_id is None:
+            return
+        cur = self.read_lease()
+        if cur is None or cur.run_id != run_id or cur.expired():
+            held = "no lease" if cur is None else (f"the lease of {cur.describe()}" + (
+                " (expired)" if cur.run_id == run_id else ""))
+            raise Superseded(f"not committed: run {run_id[:8]} no longer holds the lease on {self.uri} ({held})")
 
     def write_job(self, job: dict) -> None:
         self.write_json(JOB, job)
@@ -290,15 +332,45 @@ class JobOutput:
         self.write_json(SUMMARY, summary.to_dict())
 
     def write_log(self, shard: int, attempt: int, text: str) -> None:
-        self.write_bytes(self.log_file(shard, attempt), text.encode())
+        self.write_bytes(self.log_file(shard, attempt), scrub(text).encode())
 
-    def clear(self) -> None:
-        """Remove every shard, marker, log and the summary (job.json and the lease stay)."""
-        for sub in ("stats", "shards", "logs"):
-            if self.fs.exists(self.path(sub)):
-                self.fs.rm(self.path(sub), recursive=True)
-        if self.fs.exists(self.path(SUMMARY)):
-            self.fs.rm(self.path(SUMMARY))
+    def job_files(self) -> tuple[list[str], list[str]]:
+        """(files this job wrote, other files) under the output, relative to its root; job files are the commit
+        markers stats/NNNNN.json, data files shards/NNNNN.parquet|jsonl, logs/NNNNN-attemptK.txt, summary.json,
+        temporary files (under _tmp/, or beside a target as *.tmp-* from older versions). job.json and the lease
+        are neither: they stay."""
+        ours, other = [], []
+        for rel in sorted(self._listing("")):
+            if rel in (JOB, LEASE):
+                continue
+            (ours if _JOB_FILE.fullmatch(rel) else other).append(rel)
+        return ours, other
+
+    def clear(self) -> list[str]:
+        """Remove the files this job wrote (see job_files) and return them; the user's own files stay."""
+        ours, other = self.job_files()
+        for rel in ours:
+            self.fs.rm(self.path(rel))
+        for sub in ("stats", "shards", "logs", TMP):  # directories left empty
+            try:
+                if self.fs.isdir(self.path(sub)) and not self.fs.ls(self.path(sub)):
+                    self.fs.rmdir(self.path(sub))
+            except OSError:
+                pass
+        if other:
+            log.info("kept %d files in %s that this job did not write: %s", len(other), self.uri,
+                     ", ".join(other[:10]) + (" ..." if len(other) > 10 else ""))
+        return ours
+
+    def clear_tmp(self) -> list[str]:
+        """Remove left-over temporary files (a worker killed mid-write); call while holding the lease, before
+        any worker of the run writes."""
+        stale = [rel for rel in self.job_files()[0] if rel.startswith(f"{TMP}/") or ".tmp-" in rel]
+        for rel in stale:
+            self.fs.rm(self.path(rel))
+        if stale:
+            log.info("removed %d left-over temporary files in %s", len(stale), self.uri)
+        return stale
 
     # -- reading -----------------------------------------------------------------------------------------------
     def _read_json(self, rel: str):
@@ -313,9 +385,23 @@ class JobOutput:
             raise ValueError(f"{self.uri}/{rel} is not valid JSON ({len(raw)} bytes: {e})") from None
 
     def read_job(self) -> dict | None:
-        """job.json, None when absent; ValueError naming the file when it cannot be parsed."""
+        """job.json, None when absent; ValueError naming the file when it cannot be parsed or is not a job's
+        description (a plan of shards with index, start and stop)."""
         self.fs.invalidate_cache()
-        return self._read_json(JOB)
+        job = self._read_json(JOB)
+        if job is None:
+            return None
+        try:
+            plan = job["plan"]
+            for sh in plan["shards"]:
+                if not all(type(sh[k]) is int for k in ("index", "start", "stop")) or sh["stop"] < sh["start"]:
+                    raise ValueError(f"shard {sh!r}")
+            if type(plan["rows"]) is not int or not isinstance(job["name"], str) or not isinstance(
+                    job.get("manifest", {}), dict) or not isinstance(job.get("identity", {}), dict):
+                raise ValueError("rows, name, manifest or identity")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.uri}/{JOB} is not a job description ({type(e).__name__}: {e})") from None
+        return job
 
     def read_summary(self) -> JobSummary | None:
         """The last run's summary; None (with a warning naming the file) when absent or unreadable."""
@@ -415,7 +501,7 @@ class JobOutput:
             d = self._read_json(LEASE)
             if d is None:
                 return None
-            datetime.fromisoformat(d["expires_at"])  # a malformed expiry: unreadable, like malformed JSON
+            _utc(d["expires_at"])  # a malformed expiry: unreadable, like malformed JSON
             return LeaseInfo(holder=str(d["holder"]), run_id=str(d["run_id"]), expires_at=d["expires_at"])
         except (ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable lease %s/%s: %s", self.uri, LEASE, e)
@@ -439,6 +525,7 @@ class Lease:
         self.settle_s = settle_s if settle_s is not None else (0.1 if isinstance(out.fs, LocalFileSystem) else 1.0)
         self.me = LeaseInfo(holder=f"{socket.gethostname()}:{os.getpid()}", run_id=uuid.uuid4().hex, expires_at="")
         self.lost: str | None = None  # why this run no longer holds the lease
+        self._good = 0.0  # time.monotonic() just before the last lease write that succeeded
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -455,6 +542,7 @@ class Lease:
                                 "wait for that run to finish (or for its lease to expire if it died)")
             why = "expired" if cur.expired() else "its process is gone"
             log.warning("taking over the lease on %s from %s (%s)", self.out.uri, cur.describe(), why)
+        self._good = time.monotonic()
         self._write()
         time.sleep(self.settle_s)
         cur = self.out.read_lease()
@@ -465,17 +553,41 @@ class Lease:
         self._thread.start()
 
     def _keep(self) -> None:
-        """Renew every ttl/4 until released; a lease found taken sets `lost` (the driver stops dispatching)."""
-        while not self._stop.wait(self.ttl_s / 4):
+        """Renew every ttl/4 until released. Any failure (an OSError, botocore's EndpointConnectionError, a
+        timeout...) is a failed renewal, retried with backoff while the last good renewal still covers us; once
+        it no longer does (ttl/4 before its expiry, so workers checking the lease stop too) `lost` says why and
+        the driver stops writing. A lease found taken over sets `lost` at once."""
+        wait, backoff = self.ttl_s / 4, self.ttl_s / 16
+        while not self._stop.wait(wait):
             try:
                 cur = self.out.read_lease()
                 if cur is not None and cur.run_id != self.me.run_id:
                     self.lost = f"the lease on {self.out.uri} was taken over by {cur.describe()}"
                     log.error("%s; stopping", self.lost)
                     return
+                t = time.monotonic()
                 self._write()
-            except OSError as e:
-                log.warning("could not renew the lease on %s: %s: %s", self.out.uri, type(e).__name__, e)
+                self._good, wait, backoff = t, self.ttl_s / 4, self.ttl_s / 16
+            except Exception as e:  # noqa: BLE001 - every failure is a failed renewal, never a dead thread
+                left = self._good + self.ttl_s * 3 / 4 - time.monotonic()
+                if left <= 0:
+                    self.lost = self._unproven(f"last error {type(e).__name__}: {e}")
+                    log.error("%s", self.lost)
+                    return
+                log.warning("could not renew the lease on %s (%s: %s); retrying in %.1fs", self.out.uri,
+                            type(e).__name__, e, min(backoff, left))
+                wait, backoff = min(backoff, left), min(backoff * 2, self.ttl_s / 4)
+
+    def _unproven(self, why: str) -> str:
+        return (f"could not renew the lease on {self.out.uri} for {time.monotonic() - self._good:.0f}s (lease_s "
+                f"{self.ttl_s:g}; {why}); another run may take the output over, so this run stops writing")
+
+    def problem(self) -> str | None:
+        """Why this run can no longer prove it holds the lease, or None. Also true while a renewal call hangs
+        past the margin (a store that accepts the connection but never answers): the thread cannot say so."""
+        if self.lost is None and self._thread is not None and time.monotonic() - self._good > self.ttl_s * 3 / 4:
+            self.lost = self._unproven("the renewal has not returned")
+        return self.lost
 
     def release(self) -> None:
         """Stop renewing and remove the lease if it is still ours."""
@@ -486,5 +598,5 @@ class Lease:
             cur = self.out.read_lease()
             if cur is not None and cur.run_id == self.me.run_id:
                 self.out.fs.rm(self.out.path(LEASE))
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a store outage (any exception type): the lease expires by itself
             log.warning("could not release the lease on %s: %s: %s", self.out.uri, type(e).__name__, e)

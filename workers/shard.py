@@ -99,6 +99,7 @@ class WorkerSettings:
     trust_remote_code: bool = False
     storage_options: dict = field(default_factory=dict)
     batch_size: int = 16
+    run_id: str | None = None  # the driver's lease run id: each commit first checks the output's lease is its
     # Fault injection, for tests of the driver's retries only: {shard index: attempts to fail}. After decoding
     # the shard's rows, `crash` ends the worker process (os._exit) once its other shards are done (or crash too),
     # so only the crashing shards are lost; `error` raises RuntimeError, and `hang` sleeps until the driver's shard
@@ -415,4 +416,4 @@ class ShardWorker:
                                model=self.s.model_source, config={**self.cfg.to_dict(), "num_samples": ns},
                                attempt=attempt, started_at=started, finished_at=now())
 
-        return self.out.commit(shard.index, data, out_table.num_rows, record)
+        return self.out.commit(shard.index, data, out_table.num_rows, record, run_id=self.s.run_id)

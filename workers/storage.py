@@ -57,6 +57,18 @@ def scrub(text: str) -> str:
     return text
 
 
+def scrub_all(obj):
+    """`obj` (JSON-like) with scrub() applied to every string in it, keys included: job.json, summary.json and
+    the logs record URIs and messages, never the credentials inside them."""
+    if isinstance(obj, str):
+        return scrub(obj)
+    if isinstance(obj, dict):
+        return {scrub_all(k): scrub_all(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_all(v) for v in obj]
+    return obj
+
+
 def redact(options, path: str = "storage_options") -> tuple:
     """(`options` with inline secrets replaced, [where each was]). A string is a secret when its key names one
     (secret, password, token, key, connection_string, Authorization, sas...; everything below such a key counts)
