@@ -134,9 +134,10 @@ def inspect_input(m: Manifest) -> tuple[InputSource, list[Inspected]]:
             return source, [inspect_hf(source, inp.id_column, opts)]
         fmt, files = list_files(source, opts)
         source = InputSource(source.uri, fmt)
-        text = (inp.prompt_column,) if inp.prompt_column else ()
+        text = (inp.text_column,)
         return source, [inspect_parquet(u, rel, inp.id_column, opts) if fmt == "parquet"
-                        else inspect_text(u, rel, fmt, inp.id_column, text, opts) for u, rel in files]
+                        else inspect_text(u, rel, fmt, inp.id_column, text, opts, inp.column_types)
+                        for u, rel in files]
     except InputError as e:
         raise InvalidJob(str(e)) from None
 
@@ -172,6 +173,8 @@ def make_plan(m: Manifest) -> Plan:
                                 stop=min(start + n, f.rows), **pin))
     h = hashlib.sha256()
     h.update(f"{source.format}|{m.input.text_column}|{m.input.id_column}|{keep}|{n}\n".encode())
+    if m.input.column_types:  # (absent from older plans' fingerprints, which stay as they were)
+        h.update(f"types {sorted(m.input.column_types.items())}\n".encode())
     for f in files:
         h.update(f"{f.relpath}|{f.size}|{f.rows}|{f.digest}\n".encode())
     if not shards:

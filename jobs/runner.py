@@ -63,7 +63,8 @@ def worker_settings(m: Manifest, plan: Plan) -> WorkerSettings:
         trust_remote_code=m.model.trust_remote_code, decode=m.decode.config, num_samples=m.decode.num_samples,
         output_uri=m.output.uri, output_format=m.output.format, source=plan.source,
         prompt_column=m.input.prompt_column, messages_column=m.input.messages_column, id_column=m.input.id_column,
-        keep_columns=tuple(plan.keep_columns), storage_options=m.storage_options, batch_size=m.workers.batch_size,
+        keep_columns=tuple(plan.keep_columns), column_types=dict(m.input.column_types),
+        storage_options=m.storage_options, batch_size=m.workers.batch_size,
         crash=m.faults.crash, error=m.faults.error, hang=m.faults.hang)
 
 
