@@ -22,6 +22,7 @@ from .dispatch import Dispatcher, Outcome
 from .manifest import InvalidJob, Manifest
 from .metrics import JobMetrics
 from .plan import Plan, check_model_source, make_plan
+from .report import write_card, write_report
 
 log = logging.getLogger("fastdllm.jobs")
 
@@ -32,6 +33,7 @@ class JobResult:
     summary: JobSummary
     problem: str | None = None  # the run could not finish its own bookkeeping (lost lease, summary not written)
     interrupted: JobInterrupted | None = None  # the signal that stopped the run early
+    ran: int = 0  # shards this call ran (summary.run keeps the last run that ran any)
 
     @property
     def ok(self) -> bool:
@@ -159,6 +161,7 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
            "created_at": (old or {}).get("created_at") or now()}
     try:
         out.write_job(job)
+        write_card(out, job, out.read_summary())  # load_dataset(output.uri) works from the first commit on
     except Exception as e:
         raise InvalidJob(f"output.uri {m.output.uri} is not writable: {storage_error(e)}") from None
 
@@ -205,13 +208,17 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
         pending = [s for s in plan.shards if s.index not in done]
         log.info("job %s: %d shards (%d rows) in %d files; %d committed, %d to run -> %s", m.name,
                  len(plan.shards), plan.rows, len(plan.files), len(done), len(pending), m.output.uri)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         outcome = Outcome()
         if pending:
             outcome = _run_shards(m, plan, pending, address, progress, dashboard, out, lambda: lease.lost)
         stopped = outcome.interrupted.args[0] if outcome.interrupted else None
-        run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens,
-                       wall_seconds=time.perf_counter() - t0, interrupted=stopped)
+        end = time.monotonic()
+        run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens, wall_seconds=end - t0,
+                       interrupted=stopped, startup_seconds=(outcome.ready_at or end) - t0)
+        last = out.read_summary() if not pending else None
+        if last is not None:  # nothing to do: the figures stay those of the run that did the work
+            run = last.run
         summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done,
                             max_error_rate=m.workers.max_error_rate)
         if lease.lost:  # another run owns the output now: its summary is not ours to write
@@ -222,7 +229,11 @@ def run_job(m: Manifest, *, address: str | None = None, force: bool = False, pro
             log.error("could not write %s/summary.json: %s: %s", m.output.uri, type(e).__name__, e)
             return JobResult(m.output.uri, summary, f"summary.json not written ({type(e).__name__}: {e})",
                              outcome.interrupted)
-        return JobResult(m.output.uri, summary, interrupted=outcome.interrupted)
+        try:
+            write_report(out, verify=False)  # the card with this run's figures, report.html, report.png
+        except Exception as e:  # the report must never fail a job whose shards are committed
+            log.warning("could not write the job report in %s: %s", m.output.uri, storage_error(e))
+        return JobResult(m.output.uri, summary, interrupted=outcome.interrupted, ran=len(pending))
     finally:
         lease.release()
 

@@ -347,6 +347,7 @@ class ShardWorker:
         self._inject_fault(shard, attempt)
         counters.nfe = sum(nfe)
         counters.generated_tokens = sum(len(t) for t in completion_ids if t is not None)
+        counters.finish_reasons = {r: reasons.count(r) for r in sorted(set(reasons))}
         return completion_ids, nfe, reasons
 
     def run_shard(self, shard: Shard, attempt: int = 0) -> ShardRecord:
