@@ -76,6 +76,33 @@ def _identity(m: Manifest) -> dict:
             "decode": m.decode.model_dump(), "output": {"format": m.output.format}}
 
 
+def input_changes(old_job: dict, m: Manifest, plan: Plan) -> str:
+    """What differs between the input an output was planned from (its job.json) and the input now: which file
+    appeared, went or changed (size, rows, content / footer hash), or which setting (columns, rows_per_shard)."""
+    before = {f["relpath"]: f for f in old_job.get("plan", {}).get("files", [])}
+    now = {f.relpath: vars(f) for f in plan.files}
+    what = [f"{rel} is new" for rel in now if rel not in before]
+    what += [f"{rel} is gone" for rel in before if rel not in now]
+    pin = "footer hash" if plan.source.format == "parquet" else (
+        "fingerprint" if plan.source.format == "hf" else "content hash")
+    for rel in (r for r in now if r in before):
+        a, b = before[rel], now[rel]
+        diff = [f"{k} {a.get(k)} -> {b[k]}" for k in ("size", "rows") if a.get(k) != b[k]]
+        if a.get("digest") != b["digest"]:
+            diff.append(f"{pin} differs")
+        if diff:
+            what.append(f"{rel}: {', '.join(diff)}")
+    old_in = old_job.get("manifest", {}).get("input", {})
+    new_in = m.input.model_dump()
+    for k in ("format", "prompt_column", "messages_column", "id_column", "rows_per_shard", "column_types"):
+        if old_in.get(k, {} if k == "column_types" else None) != new_in.get(k):
+            what.append(f"input.{k} {old_in.get(k)!r} -> {new_in.get(k)!r}")
+    if old_job.get("plan", {}).get("keep_columns") != plan.keep_columns:
+        what.append(f"kept columns {old_job.get('plan', {}).get('keep_columns')} -> {plan.keep_columns}")
+    return "; ".join(what[:5]) + (f"; and {len(what) - 5} more" if len(what) > 5 else "") if what else \
+        "files, rows, columns or rows_per_shard"
+
+
 def error_policy(total: ShardStats, max_error_rate: float) -> str | None:
     """One line when the job's error rows exceed workers.max_error_rate, or every row failed; else None."""
     if not total.rows or (total.error_rows < total.rows and total.error_rows <= max_error_rate * total.rows):
@@ -139,7 +166,7 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
     if old is not None:
         changes = []
         if old.get("plan", {}).get("fingerprint") != plan.fingerprint:
-            changes.append("the input (files, rows, columns or rows_per_shard) changed")
+            changes.append(f"the input changed ({input_changes(old, m, plan)})")
         for part in ("model", "decode", "output"):
             a, b = old.get("identity", {}).get(part, {}), ident[part]
             diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
