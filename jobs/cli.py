@@ -240,29 +240,54 @@ def report(output_uri, options, png):
 @click.option("--threshold", default=0.9, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--chat-template/--no-chat-template", default=False, show_default=True)
-@click.argument("prompts", nargs=-1, required=True)
+@click.option("--seed", default=None, type=int, help="Seed of the sampling noise (decode.seed).")
+@click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Completions per prompt (use --temperature > 0 for different ones).")
+@click.option("--max-batch-size", default=None, type=click.IntRange(min=1), help="Rows in flight (default: all).")
+@click.option("--input", "input_file", default=None, type=click.File("r", encoding="utf-8"),
+              help="Read prompts from FILE, one a line ('-': stdin), after any PROMPTS.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line: prompt, sample_index, completion, "
+                                                      "completion_ids, nfe, finish_reason.")
+@click.argument("prompts", nargs=-1)
 def generate(source, device, dtype, gen_length, block_length, steps, cache, rule, threshold, temperature,
-             chat_template, prompts):
-    """Decode PROMPTS (text) and print each completion with its NFE and the batch's tokens/s."""
+             chat_template, seed, num_samples, max_batch_size, input_file, as_json, prompts):
+    """Decode PROMPTS (text) and print each completion with its NFE and the batch's tokens/s.
+
+    \b
+    Example:
+      fastdllm generate "12+34=" "sort:321="
+      printf '7+8=\\n5+5=\\n' | fastdllm generate --input - --json --num-samples 2 --temperature 1 --seed 3"""
     import torch
 
     import fastdllm
 
+    prompts = list(prompts) + ([ln.rstrip("\n") for ln in input_file if ln.strip()] if input_file else [])
+    if not prompts:
+        raise click.UsageError("no prompts: give PROMPTS or --input FILE (or - for stdin)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        extra = {"seed": seed} if seed is not None else {}
         cfg = fastdllm.DecodeConfig(gen_length=gen_length, block_length=block_length, steps=steps or gen_length,
-                                    cache=cache, rule=rule, threshold=threshold, temperature=temperature)
+                                    cache=cache, rule=rule, threshold=threshold, temperature=temperature, **extra)
         model = fastdllm.load_model(source, device=device, dtype=dtype)
         tok = fastdllm.load_tokenizer(source)
         ids = tok.encode_batch(prompts, chat_template=chat_template)
-        out = fastdllm.generate(model, ids, cfg)
+        rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
+        out = fastdllm.generate(model, [ids[i] for i, _ in rows], cfg, max_batch_size=max_batch_size,
+                                row_ids=[i * num_samples + k for i, k in rows])
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    for prompt, toks, nfe in zip(prompts, out.tokens, out.nfe):
-        click.echo(f"{prompt!r} -> {tok.decode(toks)!r}  (nfe {nfe}, {len(toks)} tokens)")
+    for (i, k), toks, nfe, why in zip(rows, out.tokens, out.nfe, out.finish_reasons):
+        if as_json:
+            click.echo(json.dumps({"prompt": prompts[i], "sample_index": k, "completion": tok.decode(toks),
+                                   "completion_ids": list(toks), "nfe": nfe, "finish_reason": why},
+                                  ensure_ascii=False))
+        else:
+            click.echo(f"{prompts[i]!r} -> {tok.decode(toks)!r}  (nfe {nfe}, {len(toks)} tokens)")
     s = out.stats
     click.echo(f"{s['rows']} rows, {s['generated_tokens']} tokens in {s['wall_seconds']:.2f}s: "
-               f"{s['tokens_per_second']:.1f} tokens/s, {s['forward_passes']} forward passes ({cache} cache, {rule})")
+               f"{s['tokens_per_second']:.1f} tokens/s, {s['forward_passes']} forward passes ({cache} cache, {rule})",
+               err=as_json)
 
 
 if __name__ == "__main__":

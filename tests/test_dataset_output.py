@@ -219,3 +219,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
                     "--window-size=800,1400", f"file://{out.root}/report.html"], check=True, timeout=120,
                    capture_output=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_cli_reads_stdin_and_prints_json():
+    args = ["generate", "--gen-length", "8", "--block-length", "4", "--input", "-", "--json", "--num-samples", "2",
+            "--temperature", "1", "--seed", "3", "--max-batch-size", "2", "12+34="]
+    r = CliRunner().invoke(main, args, input="7+8=\n\n5+5=\n")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [(x["prompt"], x["sample_index"]) for x in lines] == [(p, k) for p in ("12+34=", "7+8=", "5+5=")
+                                                                 for k in (0, 1)]
+    again = CliRunner().invoke(main, args, input="7+8=\n\n5+5=\n")
+    assert [json.loads(x) for x in again.stdout.splitlines()] == lines  # --seed: the same samples
+    r = CliRunner().invoke(main, ["generate"])
+    assert r.exit_code == 2 and "no prompts" in r.output
+
+
+def test_encode_batch_refuses_one_string():
+    tok = fastdllm.load_tokenizer("tiny")
+    with pytest.raises(ValueError, match="not one string"):
+        tok.encode_batch("1234+5678=")
+    assert tok.encode_batch(["1234+5678="]) == [tok.encode("1234+5678=")]
