@@ -39,12 +39,6 @@ stamp="$venv/.fastdllm-installed"
 want="$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing fastdllm and its dependencies into $venv"
-  # Pinned versions first, without resolving (FASTDLLM_NO_LOCK=1 skips this); the editable install below then
-  # finds them satisfied and only adds what the lock lacks.
-  lock="$root/scripts/requirements.lock"
-  if [ -f "$lock" ] && [ -z "${FASTDLLM_NO_LOCK:-}" ]; then
-    "${pip[@]}" install --no-deps -r "$lock" || echo "[setup] the lock did not install; pip resolves instead"
-  fi
   "${pip[@]}" install -e "$root[test,plot]"
   echo "$want" > "$stamp"
 fi
