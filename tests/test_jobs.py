@@ -229,7 +229,7 @@ def test_shard_that_keeps_failing_is_reported_exit_1_with_relative_paths(tmp_pat
     assert not s.complete and s.committed == 1 and [x.kind for x in s.missing] == ["not_committed", "not_run"]
     assert "stats/00000.json is not in" in s.missing[0].why and "same output.uri" in s.missing[0].why
     r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--set", "faults.error={}"])
-    assert r.exit_code == 0 and "3/3 shards committed" in r.output and "this run 2 shards" in r.output, r.output
+    assert r.exit_code == 0 and "3/3 shards committed" in r.output and "last run 2 shards" in r.output, r.output
     assert sorted(r["id"] for r in output_rows(out)) == ids
 
 
@@ -320,7 +320,7 @@ def test_input_changed_mid_run_fails_its_shards_as_data_errors(tmp_path, ray_clu
     assert r.exit_code == 2 and "the input" in r.output, r.output  # the changed file is refused at planning
     (tmp_path / "in" / "part-0.parquet").write_bytes(planned)  # the input fixed: the rerun finishes the job
     r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
-    assert r.exit_code == 0 and f"this run {len(data)} shards" in r.output, r.output
+    assert r.exit_code == 0 and f"last run {len(data)} shards" in r.output, r.output
     assert sorted(r["id"] for r in output_rows(tmp_path / "out")) == ids
 
 
