@@ -41,6 +41,10 @@ class Tokenizer:
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def encode_batch(self, texts, chat_template: bool | str = False) -> list[list[int]]:
+        """Token ids of each text in a list (one string would be taken character by character: refused)."""
+        if isinstance(texts, (str, bytes)):
+            raise ValueError("encode_batch takes a list of texts, not one string; use encode(text) for one prompt "
+                             "or encode_batch([text])")
         return [self.encode(t, chat_template) for t in texts]
 
     def decode(self, ids) -> str:

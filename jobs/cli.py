@@ -50,8 +50,15 @@ def _fail(e: InvalidJob):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastdllm", message="fastdllm %(version)s")
 def main():
-    """Batch generation with diffusion language models (LLaDA, Dream)."""
+    """Batch generation with diffusion language models (LLaDA, Dream).
+
+    \b
+    Example:
+      fastdllm run job.yaml                 # run (or resume) a job
+      fastdllm status out/ && echo done     # exit 0 only when the job is complete
+      fastdllm report out/                  # out/report.html"""
 
 
 @main.command()
@@ -67,7 +74,11 @@ def main():
               help="Start the Ray dashboard (and its metrics) with a local Ray; a joined cluster keeps its own.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs (one line per committed shard).")
 def run(manifest, overrides, address, force, progress, dashboard, verbose):
-    """Run (or resume) the job in MANIFEST; committed shards of an earlier run are kept."""
+    """Run (or resume) the job in MANIFEST; committed shards of an earlier run are kept.
+
+    \b
+    Example:
+      fastdllm run manifests/demo.yaml --set workers.count=2 --set decode.threshold=0.8"""
     from .cluster import JobInterrupted
     from .manifest import load_manifest
     from .runner import run_job
@@ -82,19 +93,27 @@ def run(manifest, overrides, address, force, progress, dashboard, verbose):
         code = e.exit_code if isinstance(e, JobInterrupted) else 130
         click.echo(f"stopped by {e or 'SIGINT'}; rerun the same command to resume", err=True)
         sys.exit(code)
-    _report(result)
+    _report(result, spec.decode.num_samples)
 
 
-def _report(result) -> None:
+def _report(result, num_samples: int = 1, dataset: bool = True) -> None:
     """The run's one-line summary on stdout; what is missing or wrong on stderr, then exit 1 or the signal's code
-    (returns when the run is ok: exit 0)."""
+    (returns when the run is ok: exit 0). `dataset`: the output is a dataset to load (not an answer file)."""
+    from .report import decode_tokens_per_second
+
     s = result.summary
     t = s.totals
-    click.echo(f"{s.committed}/{s.shards} shards committed in {result.output_uri}: {t.rows} rows "
-               f"({t.error_rows} bad), {t.generated_tokens} tokens; this run {s.run.shards_run} shards "
-               f"at {s.run.tokens_per_second:.1f} tokens/s")
+    click.echo(f"{s.committed}/{s.shards} shards committed in {result.output_uri}: {t.rows} prompts "
+               f"({t.error_rows} failed), {sum(t.finish_reasons.values()) or t.rows * num_samples} "
+               f"output rows, {t.generated_tokens} tokens, decode {decode_tokens_per_second(t):.1f} tokens/s per "
+               f"worker; last run {s.run.shards_run} shards, job {s.run.job_tokens_per_second:.1f} tokens/s "
+               f"({s.run.wall_seconds - s.run.startup_seconds:.1f}s after {s.run.startup_seconds:.1f}s start-up)")
     if t.error_rows:
         click.echo(f"bad rows by reason: {_commonest(t)}")
+    if not result.ran:
+        click.echo("this run: nothing to run, every shard was already committed (figures above: the last run)")
+    if dataset:
+        click.echo(f"load it: datasets.load_dataset({result.output_uri!r}); report: {result.output_uri}/report.html")
     if result.interrupted:
         click.echo(f"stopped by {result.interrupted}: {len(s.missing)} of {s.shards} shards not committed; rerun "
                    "the same command to resume", err=True)
@@ -199,7 +218,7 @@ def run_batch(input_uri, output_uri, source, work_dir, gen_length, block_length,
                    "per-line errors")
     else:
         click.echo(f"{output_uri} not written: some request lines have no answer yet", err=True)
-    _report(result)
+    _report(result, dataset=False)
 
 
 @main.command()
@@ -207,7 +226,11 @@ def run_batch(input_uri, output_uri, source, work_dir, gen_length, block_length,
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a manifest field.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(manifest, overrides, as_json):
-    """Validate MANIFEST and print its shard plan (shards, rows, input files); writes nothing."""
+    """Validate MANIFEST and print its shard plan (shards, prompts, output rows, input files); writes nothing.
+
+    \b
+    Example:
+      fastdllm plan manifests/demo.yaml --set input.rows_per_shard=100"""
     from .guards import check_no_overlap, check_output_uri
     from .manifest import load_manifest
     from .plan import check_model_source, make_plan
@@ -223,7 +246,9 @@ def plan(manifest, overrides, as_json):
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
         return
-    click.echo(f"job {spec.name}: {len(p.shards)} shards, {p.rows} rows, {len(p.files)} files -> {spec.output.uri}")
+    ns = spec.decode.num_samples
+    click.echo(f"job {spec.name}: {len(p.shards)} shards, {p.rows} prompts x {ns} samples = {p.rows * ns} output "
+               f"rows, {len(p.files)} files -> {spec.output.uri}")
     click.echo(f"input fingerprint {p.fingerprint[:16]} ({p.source.format})")
     for f in p.files:
         n = sum(1 for s in p.shards if s.file == f.uri)
@@ -241,7 +266,13 @@ def plan(manifest, overrides, as_json):
                                             "them for their checksums.")
 def status(output_uri, options, shards, quick):
     """Committed / pending / failed shards, rows, tokens and throughput of the job in OUTPUT_URI; every committed
-    shard is verified against its data file."""
+    shard is verified against its data file. Exits 0 only when the job is complete (what `run` exits 0 for),
+    1 while it is not.
+
+    \b
+    Example:
+      fastdllm status s3://bucket/out -o endpoint_url=http://127.0.0.1:9000 --shards"""
+    from .report import decode_tokens_per_second
     from .status import job_status, throughput_table
 
     try:
@@ -252,9 +283,10 @@ def status(output_uri, options, shards, quick):
     damaged = sum(p.kind == "damaged" for p in st.problems)
     click.echo(f"job {st.name} in {output_uri}: {len(st.committed)}/{st.shards} shards committed, "
                f"{len(st.pending)} pending, {len(st.problems) - damaged} failed, {damaged} damaged")
-    click.echo(f"rows {t.rows}/{st.rows} ({t.error_rows} bad), {t.generated_tokens} tokens, {t.nfe} nfe, "
-               f"occupancy {t.occupancy:.2f}, slot utilisation {t.slot_utilisation:.2f}, "
-               f"{t.tokens_per_second:.1f} tokens/s per worker")
+    click.echo(f"prompts {t.rows}/{st.rows} ({t.error_rows} failed), output rows {t.rows * st.num_samples}/"
+               f"{st.rows * st.num_samples}, {t.generated_tokens} tokens, {t.nfe} nfe, occupancy {t.occupancy:.2f}, "
+               f"slot utilisation {t.slot_utilisation:.2f}, decode {decode_tokens_per_second(t):.1f} tokens/s per "
+               "worker")
     if t.error_rows:
         click.echo(f"bad rows by reason: {_commonest(t)}")
     if st.lease is not None:
@@ -265,6 +297,48 @@ def status(output_uri, options, shards, quick):
         click.echo(f"too many errors: {st.too_many_errors}")
     if shards and st.committed:
         click.echo(throughput_table(st.committed))
+    if not st.complete:
+        why = [f"{len(st.pending)} shards pending"] if st.pending else []
+        why += [f"{len(st.problems)} failed or damaged"] if st.problems else []
+        why += ["too many error rows"] if st.too_many_errors else []
+        click.echo(f"incomplete: {', '.join(why)}{'; a run is in progress' if st.lease else ''}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("output_uri")
+@click.option("-o", "--storage-option", "options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option, e.g. -o endpoint_url=http://127.0.0.1:9000 (values may use ${VAR}).")
+@click.option("--png/--no-png", default=True, show_default=True, help="Also write report.png (needs matplotlib).")
+def report(output_uri, options, png):
+    """Write the job report of OUTPUT_URI: report.html (one self-contained page: throughput over time and per
+    shard, NFE and occupancy per shard, output rows per finish reason, error reasons, the config), report.png,
+    and the dataset card README.md. A run writes them too when it ends.
+
+    \b
+    Example:
+      fastdllm report out/ && xdg-open out/report.html"""
+    from fastdllm.workers import JobOutput
+    from fastdllm.workers.storage import storage_error
+
+    from .report import write_report
+
+    opts = {}
+    for item in options:
+        k, sep, v = item.partition("=")
+        if not sep:
+            _fail(InvalidJob(f"--storage-option {item!r} is not KEY=VALUE"))
+        opts[k] = v
+    try:
+        for k, v in opts.items():
+            refuse_inline_secret("-o", k, v)
+        written = write_report(JobOutput(output_uri, opts))
+    except InvalidJob as e:
+        _fail(e)
+    except Exception as e:  # no job there, storage errors of any fsspec backend
+        _fail(InvalidJob(f"cannot write the report of {output_uri}: {storage_error(e)}"))
+    for w in written:
+        click.echo(w)
 
 
 @main.command()
@@ -281,29 +355,54 @@ def status(output_uri, options, shards, quick):
 @click.option("--threshold", default=0.9, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--chat-template/--no-chat-template", default=False, show_default=True)
-@click.argument("prompts", nargs=-1, required=True)
+@click.option("--seed", default=None, type=int, help="Seed of the sampling noise (decode.seed).")
+@click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Completions per prompt (use --temperature > 0 for different ones).")
+@click.option("--max-batch-size", default=None, type=click.IntRange(min=1), help="Rows in flight (default: all).")
+@click.option("--input", "input_file", default=None, type=click.File("r", encoding="utf-8"),
+              help="Read prompts from FILE, one a line ('-': stdin), after any PROMPTS.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line: prompt, sample_index, completion, "
+                                                      "completion_ids, nfe, finish_reason.")
+@click.argument("prompts", nargs=-1)
 def generate(source, device, dtype, gen_length, block_length, steps, cache, rule, threshold, temperature,
-             chat_template, prompts):
-    """Decode PROMPTS (text) and print each completion with its NFE and the batch's tokens/s."""
+             chat_template, seed, num_samples, max_batch_size, input_file, as_json, prompts):
+    """Decode PROMPTS (text) and print each completion with its NFE and the batch's tokens/s.
+
+    \b
+    Example:
+      fastdllm generate "12+34=" "sort:321="
+      printf '7+8=\\n5+5=\\n' | fastdllm generate --input - --json --num-samples 2 --temperature 1 --seed 3"""
     import torch
 
     import fastdllm
 
+    prompts = list(prompts) + ([ln.rstrip("\n") for ln in input_file if ln.strip()] if input_file else [])
+    if not prompts:
+        raise click.UsageError("no prompts: give PROMPTS or --input FILE (or - for stdin)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        extra = {"seed": seed} if seed is not None else {}
         cfg = fastdllm.DecodeConfig(gen_length=gen_length, block_length=block_length, steps=steps or gen_length,
-                                    cache=cache, rule=rule, threshold=threshold, temperature=temperature)
+                                    cache=cache, rule=rule, threshold=threshold, temperature=temperature, **extra)
         model = fastdllm.load_model(source, device=device, dtype=dtype)
         tok = fastdllm.load_tokenizer(source)
         ids = tok.encode_batch(prompts, chat_template=chat_template)
-        out = fastdllm.generate(model, ids, cfg)
+        rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
+        out = fastdllm.generate(model, [ids[i] for i, _ in rows], cfg, max_batch_size=max_batch_size,
+                                row_ids=[i * num_samples + k for i, k in rows])
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    for prompt, toks, nfe in zip(prompts, out.tokens, out.nfe):
-        click.echo(f"{prompt!r} -> {tok.decode(toks)!r}  (nfe {nfe}, {len(toks)} tokens)")
+    for (i, k), toks, nfe, why in zip(rows, out.tokens, out.nfe, out.finish_reasons):
+        if as_json:
+            click.echo(json.dumps({"prompt": prompts[i], "sample_index": k, "completion": tok.decode(toks),
+                                   "completion_ids": list(toks), "nfe": nfe, "finish_reason": why},
+                                  ensure_ascii=False))
+        else:
+            click.echo(f"{prompts[i]!r} -> {tok.decode(toks)!r}  (nfe {nfe}, {len(toks)} tokens)")
     s = out.stats
     click.echo(f"{s['rows']} rows, {s['generated_tokens']} tokens in {s['wall_seconds']:.2f}s: "
-               f"{s['tokens_per_second']:.1f} tokens/s, {s['forward_passes']} forward passes ({cache} cache, {rule})")
+               f"{s['tokens_per_second']:.1f} tokens/s, {s['forward_passes']} forward passes ({cache} cache, {rule})",
+               err=as_json)
 
 
 if __name__ == "__main__":

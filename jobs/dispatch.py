@@ -75,6 +75,7 @@ class Outcome:
     failed: dict[int, MissingShard] = field(default_factory=dict)
     reported: set[int] = field(default_factory=set)  # shards whose worker said it committed them
     interrupted: JobInterrupted | None = None
+    ready_at: float | None = None  # time.monotonic() when the first worker was ready (start-up ends)
 
 
 class Dispatcher:
@@ -104,6 +105,7 @@ class Dispatcher:
         self.durations: list[float] = []  # dispatch -> result of each committed shard
         self.out = Outcome()
         self.deaths = 0  # actor deaths since the last commit
+        self.rows_done = 0  # prompts of the shards committed in this run
         self.give_up_after = (w.max_retries + 1) * n_actors
         self.slots = [Slot(i) for i in range(n_actors)]
         now = time.monotonic()
@@ -234,6 +236,7 @@ class Dispatcher:
             self.durations.append(now - since)
         self.deaths, self.last_commit = 0, now
         self.out.tokens += rec.stats.generated_tokens
+        self.rows_done += rec.stats.rows
         self.out.reported.add(rec.shard)
         if not slot.running:
             self._set(slot, "idle")
@@ -269,6 +272,8 @@ class Dispatcher:
             log.debug("worker %d placed on %s; loading the model", slot.index, value)
         elif kind == "loaded":
             self._set(slot, "idle")
+            if self.out.ready_at is None:
+                self.out.ready_at = time.monotonic()
             log.info("worker %d ready on %s", slot.index, value)
         else:
             self._committed(slot, since, value, bar)
@@ -325,6 +330,7 @@ class Dispatcher:
                 left = f"; giving up in {max(0, self.w.placement_timeout_s - (now - self.unplaced_since)):.0f}s"
             log.info("waiting for %d actors (need %s each; cluster: %s)%s", len(placing), describe_need(self.w),
                      describe_cluster(), left)
+        self._progress_line(now)
         if now - self.last_commit >= self.w.heartbeat_s:
             busy = [f"{shard.name} {now - since:.0f}s on {s.where}" for s in self.slots
                     for shard, since in s.running.values()]
@@ -334,6 +340,18 @@ class Dispatcher:
                      "timeout %s", now - self.last_commit, len(self.durations), self.total, len(self.queue),
                      ", ".join(busy) or "none", f"; {loading} actors loading the model" if loading else "",
                      f"{limit:.0f}s" if limit else "none until a shard commits")
+
+    def _progress_line(self, now: float) -> None:
+        """Every heartbeat, committed or not: prompts and output rows done, job tokens/s since start-up, ETA."""
+        ns = self.settings.num_samples
+        ready = self.out.ready_at
+        rate = self.out.tokens / (now - ready) if ready is not None and now > ready else 0.0
+        eta = "unknown"
+        if ready is not None and self.rows_done and now > ready:
+            eta = f"{(self.rows - self.rows_done) * (now - ready) / self.rows_done:.0f}s"
+        log.info("progress: %d/%d prompts (%d/%d output rows), %d/%d shards in this run, job %.1f tokens/s, ETA %s",
+                 self.rows_done, self.rows, self.rows_done * ns, self.rows * ns, len(self.durations), self.total,
+                 rate, eta)
 
     def _stop(self, why: str, kind: str = "failed") -> None:
         """Every queued or running shard is missing, for `why`."""

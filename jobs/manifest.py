@@ -143,6 +143,22 @@ class InputSpec(_Strict):
     keep_columns: list[str] | Literal["all"] = Field(default_factory=list, description=(
         "Input columns copied to the output next to the generated ones: a list, or all."))
     rows_per_shard: int = Field(1000, gt=0, description="Rows per shard (a shard never spans two files).")
+    column_types: dict[str, str] = Field(default_factory=dict, description=(
+        "CSV and JSONL only: {column: Arrow type} (int64, float64, bool, timestamp[s] ...) for columns to convert. "
+        "Without it every CSV column is read as text, exactly as written (\"007\" stays \"007\"), and JSONL "
+        "values as JSON has them."))
+
+    @field_validator("column_types")
+    @classmethod
+    def _types(cls, v):
+        from fastdllm.workers.inputs import arrow_type
+
+        for name, t in v.items():
+            try:
+                arrow_type(t)
+            except ValueError as e:
+                raise ValueError(f"column {name!r}: {e}") from None
+        return v
 
     @model_validator(mode="after")
     def _one_prompt_source(self):

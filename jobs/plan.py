@@ -133,9 +133,10 @@ def inspect_input(m: Manifest) -> tuple[InputSource, list[Inspected]]:
         if fmt == "jsonl" and inp.format == "auto" and files and _first_line_is_batch(files[0][0], opts):
             fmt = "openai"  # OpenAI Batch API request lines (workers/openai_batch.py)
         source = InputSource(source.uri, fmt)
-        text = (inp.prompt_column,) if inp.prompt_column else ()
+        text = (inp.text_column,)
         return source, [inspect_parquet(u, rel, inp.id_column, opts) if fmt == "parquet"
-                        else inspect_text(u, rel, fmt, "custom_id" if fmt == "openai" else inp.id_column, text, opts)
+                        else inspect_text(u, rel, fmt, "custom_id" if fmt == "openai" else inp.id_column, text, opts,
+                                          inp.column_types)
                         for u, rel in files]
     except InputError as e:
         raise InvalidJob(str(e)) from None
@@ -203,6 +204,8 @@ def make_plan(m: Manifest) -> Plan:
                                 stop=min(start + n, f.rows), **pin))
     h = hashlib.sha256()
     h.update(f"{source.format}|{m.input.text_column}|{m.input.id_column}|{keep}|{n}\n".encode())
+    if m.input.column_types:  # (absent from older plans' fingerprints, which stay as they were)
+        h.update(f"types {sorted(m.input.column_types.items())}\n".encode())
     for f in files:
         h.update(f"{f.relpath}|{f.size}|{f.rows}|{f.digest}\n".encode())
     if not shards:

@@ -23,6 +23,7 @@ from .guards import check_no_overlap, check_output_uri
 from .manifest import InvalidJob, Manifest
 from .metrics import JobMetrics
 from .plan import Plan, check_model_source, make_plan
+from .report import write_card, write_report
 
 log = logging.getLogger("fastdllm.jobs")
 
@@ -33,6 +34,7 @@ class JobResult:
     summary: JobSummary
     problem: str | None = None  # the run could not finish its own bookkeeping (lost lease, summary not written)
     interrupted: JobInterrupted | None = None  # the signal that stopped the run early
+    ran: int = 0  # shards this call ran (summary.run keeps the last run that ran any)
 
     @property
     def ok(self) -> bool:
@@ -68,7 +70,8 @@ def worker_settings(m: Manifest, plan: Plan, run_id: str | None = None) -> Worke
         structured=m.decode.structured_outputs, structured_column=m.decode.structured_column,
         output_uri=m.output.uri, output_format=m.output.format, source=plan.source,
         prompt_column=m.input.prompt_column, messages_column=m.input.messages_column, id_column=m.input.id_column,
-        keep_columns=tuple(plan.keep_columns), storage_options=m.storage_options, batch_size=m.workers.batch_size,
+        keep_columns=tuple(plan.keep_columns), column_types=dict(m.input.column_types),
+        storage_options=m.storage_options, batch_size=m.workers.batch_size,
         crash=m.faults.crash, error=m.faults.error, hang=m.faults.hang)
 
 
@@ -76,6 +79,33 @@ def _identity(m: Manifest) -> dict:
     """What decides the output's content: a rerun must match it to reuse committed shards."""
     return {"model": m.model.model_dump(include={"source", "revision", "dtype", "chat_template", "system_prompt"}),
             "decode": m.decode.model_dump(), "output": {"format": m.output.format}}
+
+
+def input_changes(old_job: dict, m: Manifest, plan: Plan) -> str:
+    """What differs between the input an output was planned from (its job.json) and the input now: which file
+    appeared, went or changed (size, rows, content / footer hash), or which setting (columns, rows_per_shard)."""
+    before = {f["relpath"]: f for f in old_job.get("plan", {}).get("files", [])}
+    now = {f.relpath: vars(f) for f in plan.files}
+    what = [f"{rel} is new" for rel in now if rel not in before]
+    what += [f"{rel} is gone" for rel in before if rel not in now]
+    pin = "footer hash" if plan.source.format == "parquet" else (
+        "fingerprint" if plan.source.format == "hf" else "content hash")
+    for rel in (r for r in now if r in before):
+        a, b = before[rel], now[rel]
+        diff = [f"{k} {a.get(k)} -> {b[k]}" for k in ("size", "rows") if a.get(k) != b[k]]
+        if a.get("digest") != b["digest"]:
+            diff.append(f"{pin} differs")
+        if diff:
+            what.append(f"{rel}: {', '.join(diff)}")
+    old_in = old_job.get("manifest", {}).get("input", {})
+    new_in = m.input.model_dump()
+    for k in ("format", "prompt_column", "messages_column", "id_column", "rows_per_shard", "column_types"):
+        if old_in.get(k, {} if k == "column_types" else None) != new_in.get(k):
+            what.append(f"input.{k} {old_in.get(k)!r} -> {new_in.get(k)!r}")
+    if old_job.get("plan", {}).get("keep_columns") != plan.keep_columns:
+        what.append(f"kept columns {old_job.get('plan', {}).get('keep_columns')} -> {plan.keep_columns}")
+    return "; ".join(what[:5]) + (f"; and {len(what) - 5} more" if len(what) > 5 else "") if what else \
+        "files, rows, columns or rows_per_shard"
 
 
 def error_policy(total: ShardStats, max_error_rate: float) -> str | None:
@@ -141,7 +171,7 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
     if old is not None:
         changes = []
         if old.get("plan", {}).get("fingerprint") != plan.fingerprint:
-            changes.append("the input (files, rows, columns or rows_per_shard) changed")
+            changes.append(f"the input changed ({input_changes(old, m, plan)})")
         for part in ("model", "decode", "output"):
             a, b = old.get("identity", {}).get(part, {}), ident[part]
             diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -167,6 +197,7 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
            "created_at": (old or {}).get("created_at") or now()}
     try:
         out.write_job(job)
+        write_card(out, job, out.read_summary())  # load_dataset(output.uri) works from the first commit on
     except Exception as e:
         raise InvalidJob(f"output.uri {m.output.uri} is not writable: {storage_error(e)}") from None
 
@@ -244,14 +275,18 @@ def _run_job(m: Manifest, stop: Signals, *, address: str | None, force: bool, pr
         pending = [s for s in plan.shards if s.index not in done]
         log.info("job %s: %d shards (%d rows) in %d files; %d committed, %d to run -> %s", m.name,
                  len(plan.shards), plan.rows, len(plan.files), len(done), len(pending), m.output.uri)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         outcome = Outcome(interrupted=stop.interrupted())
         if pending and not outcome.interrupted:
             outcome = _run_shards(m, plan, pending, address, progress, dashboard, out, lease, stop)
         outcome.interrupted = outcome.interrupted or stop.interrupted()
         stopped = outcome.interrupted.args[0] if outcome.interrupted else None
-        run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens,
-                       wall_seconds=time.perf_counter() - t0, interrupted=stopped)
+        end = time.monotonic()
+        run = RunStats(shards_run=len(pending), generated_tokens=outcome.tokens, wall_seconds=end - t0,
+                       interrupted=stopped, startup_seconds=(outcome.ready_at or end) - t0)
+        last = out.read_summary() if not pending else None
+        if last is not None:  # nothing to do: the figures stay those of the run that did the work
+            run = last.run
         try:
             summary = summarize(out, plan, outcome.failed, outcome.reported, run, verified=done,
                                 max_error_rate=m.workers.max_error_rate)
@@ -272,7 +307,11 @@ def _run_job(m: Manifest, stop: Signals, *, address: str | None, force: bool, pr
             log.error("could not write %s/summary.json: %s: %s", m.output.uri, type(e).__name__, e)
             return JobResult(m.output.uri, summary, f"summary.json not written ({type(e).__name__}: {e})",
                              outcome.interrupted)
-        return JobResult(m.output.uri, summary, interrupted=outcome.interrupted)
+        try:
+            write_report(out, verify=False)  # the card with this run's figures, report.html, report.png
+        except Exception as e:  # the report must never fail a job whose shards are committed
+            log.warning("could not write the job report in %s: %s", m.output.uri, storage_error(e))
+        return JobResult(m.output.uri, summary, interrupted=outcome.interrupted, ran=len(pending))
     finally:
         lease.release()
 

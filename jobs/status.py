@@ -24,6 +24,12 @@ class JobStatus:
     problems: list[MissingShard]  # failed (last run), bad input, damaged
     lease: LeaseInfo | None  # the live lease of a running driver
     max_error_rate: float = 1.0  # the job's workers.max_error_rate
+    num_samples: int = 1  # output rows per prompt
+
+    @property
+    def complete(self) -> bool:
+        """What `fastdllm run` exits 0 for: every planned shard committed and verified, errors within the policy."""
+        return len(self.committed) == self.shards and not self.problems and self.too_many_errors is None
 
     @property
     def totals(self) -> ShardStats:
@@ -66,7 +72,8 @@ def job_status(uri: str, storage_options: dict | None = None, verify: bool = Tru
                      committed=scan.committed, pending=pending, problems=problems,
                      lease=lease if lease is not None and not lease.expired() and not lease.holder_is_dead()
                      else None,
-                     max_error_rate=manifest.get("workers", {}).get("max_error_rate", 1.0))
+                     max_error_rate=manifest.get("workers", {}).get("max_error_rate", 1.0),
+                     num_samples=int(manifest.get("decode", {}).get("num_samples", 1)))
 
 
 def throughput_table(records: dict[int, ShardRecord]) -> str:

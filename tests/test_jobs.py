@@ -93,12 +93,12 @@ def test_local_job_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
 
     before = mtimes(out)
     r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
-    assert r.exit_code == 0 and "this run 0 shards" in r.output, r.output
+    assert r.exit_code == 0 and "nothing to run" in r.output, r.output
     assert mtimes(out) == before
 
     r = CliRunner().invoke(main, ["status", str(out), "--shards"])
     assert r.exit_code == 0 and "4/4 shards committed, 0 pending, 0 failed" in r.output, r.output
-    assert f"rows {len(ids)}/{len(ids)}" in r.output
+    assert f"prompts {len(ids)}/{len(ids)}" in r.output
 
 
 def test_resume_recomputes_missing_damaged_and_unreadable_shards_only(tmp_path, ray_cluster, caplog):
@@ -119,8 +119,9 @@ def test_resume_recomputes_missing_damaged_and_unreadable_shards_only(tmp_path, 
     (out / "shards" / "00003.parquet").write_bytes(bytes(flipped))  # one bit flipped
     (out / "shards" / "00004.parquet").unlink()  # deleted, its marker kept
     r = CliRunner().invoke(main, ["status", str(out)])
-    assert r.exit_code == 0 and "1/6 shards committed, 1 pending, 0 failed, 4 damaged" in r.output, r.output
-    assert "rows 3/18" in r.output and "shard 00003 is damaged: shards/00003.parquet does not match" in r.output
+    assert r.exit_code == 1 and "1/6 shards committed, 1 pending, 0 failed, 4 damaged" in r.output, r.output
+    assert "incomplete: 1 shards pending, 4 failed or damaged" in r.output
+    assert "prompts 3/18" in r.output and "shard 00003 is damaged: shards/00003.parquet does not match" in r.output
     assert "stats/00001.json: not valid JSON (0 bytes" in r.output
     with caplog.at_level("WARNING"):
         result = run_job(m, address=ray_cluster)
@@ -228,7 +229,7 @@ def test_shard_that_keeps_failing_is_reported_exit_1_with_relative_paths(tmp_pat
     assert not s.complete and s.committed == 1 and [x.kind for x in s.missing] == ["not_committed", "not_run"]
     assert "stats/00000.json is not in" in s.missing[0].why and "same output.uri" in s.missing[0].why
     r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster, "--set", "faults.error={}"])
-    assert r.exit_code == 0 and "3/3 shards committed" in r.output and "this run 2 shards" in r.output, r.output
+    assert r.exit_code == 0 and "3/3 shards committed" in r.output and "last run 2 shards" in r.output, r.output
     assert sorted(r["id"] for r in output_rows(out)) == ids
 
 
@@ -319,7 +320,7 @@ def test_input_changed_mid_run_fails_its_shards_as_data_errors(tmp_path, ray_clu
     assert r.exit_code == 2 and "the input" in r.output, r.output  # the changed file is refused at planning
     (tmp_path / "in" / "part-0.parquet").write_bytes(planned)  # the input fixed: the rerun finishes the job
     r = CliRunner().invoke(main, ["run", str(m), "--address", ray_cluster])
-    assert r.exit_code == 0 and f"this run {len(data)} shards" in r.output, r.output
+    assert r.exit_code == 0 and f"last run {len(data)} shards" in r.output, r.output
     assert sorted(r["id"] for r in output_rows(tmp_path / "out")) == ids
 
 
@@ -400,7 +401,7 @@ def test_s3_job_end_to_end(tmp_path, ray_cluster, s3):
     fs.pipe("fdl-bucket/runs/a/shards/00001.parquet", bytes(damaged))
     status = ["status", "s3://fdl-bucket/runs/a", "-o", f"endpoint_url={endpoint}"]
     r = CliRunner().invoke(main, status)
-    assert r.exit_code == 0 and "3/4 shards committed, 0 pending, 0 failed, 1 damaged" in r.output, r.output
+    assert r.exit_code == 1 and "3/4 shards committed, 0 pending, 0 failed, 1 damaged" in r.output, r.output
     other = Lease(JobOutput("s3://fdl-bucket/runs/a", opts), ttl_s=60)
     other.acquire()
     try:

@@ -90,7 +90,7 @@ def test_plan_command_writes_nothing(tmp_path):
     write_parquet(tmp_path / "in" / "a.parquet", ["1+1="] * 9)
     r = cli("plan", write_manifest(tmp_path, manifest(tmp_path)))
     assert r.exit_code == 0, r.output
-    assert "3 shards, 9 rows, 1 files" in r.output
+    assert "3 shards, 9 prompts x 1 samples = 9 output rows, 1 files" in r.output
     assert not (tmp_path / "out").exists()
 
 

@@ -270,7 +270,7 @@ def test_run_batch_end_to_end_rerun_resume_and_status(tmp_path, ray_cluster):
     assert timeless(read_lines(out)) == timeless(read_lines_bytes(first))
 
     st = CliRunner().invoke(main, ["status", str(work)])
-    assert st.exit_code == 0 and f"rows {len(lines)}/{len(lines)} (6 bad)" in st.output, st.output
+    assert st.exit_code == 0 and f"prompts {len(lines)}/{len(lines)} (6 failed)" in st.output, st.output
     assert "bad rows by reason:" in st.output and "body.tools is not supported" in st.output
 
 

@@ -92,7 +92,7 @@ def test_synthetic_manifest_then_the_error_policy(tmp_path, ray_address):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["totals"]["rows"] == 7 and summary["too_many_errors"] == line and summary["complete"]
     r = CliRunner().invoke(main, ["status", str(tmp_path / "out")])  # verifies every JSONL shard's checksum
-    assert r.exit_code == 0 and "4/4 shards committed, 0 pending, 0 failed, 0 damaged" in r.output, r.output
-    assert f"too many errors: {line}" in r.output
+    assert r.exit_code == 1 and "4/4 shards committed, 0 pending, 0 failed, 0 damaged" in r.output, r.output
+    assert f"too many errors: {line}" in r.output and "incomplete: too many error rows" in r.output
     r = CliRunner().invoke(main, [*run, "--set", "workers.max_error_rate=0.2"])
-    assert r.exit_code == 0 and "this run 0 shards" in r.output, r.output  # same shards, a new verdict
+    assert r.exit_code == 0 and "nothing to run" in r.output, r.output  # same shards, a new verdict

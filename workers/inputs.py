@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -298,29 +300,124 @@ def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
         raise InputError(f"input file {uri} is unreadable: {storage_error(e)}") from None
 
 
-def parse_text(data: bytes, fmt: str, uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
-    """A JSONL or CSV file's bytes as a table (types inferred; `string_columns` of a CSV read as text, so a
-    prompt such as "12" stays a string). An OpenAI batch file (fmt openai) becomes its (custom_id, request)
-    table: see workers/openai_batch.py."""
+# Field metadata of a JSONL column kept as each value's JSON text: its values had no Arrow type that holds them
+# exactly (mixed types, objects with differing keys, ints beyond int64, 2 beside 2.5). A JSONL output writes the
+# values back as the JSON they were; a Parquet output holds the text.
+JSON_TEXT = {b"fastdllm.json": b"text"}
+
+
+def is_json_text(f: pa.Field) -> bool:
+    return bool(f.metadata) and f.metadata.get(b"fastdllm.json") == b"text"
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """An Arrow type from its name (string, int64, float64, bool, date32, timestamp[s] ...); ValueError naming it."""
+    try:
+        return pa.type_for_alias(name)
+    except (ValueError, KeyError):
+        raise ValueError(f"{name!r} is not an Arrow type name (e.g. string, int64, float64, bool, timestamp[s])") \
+            from None
+
+
+def _json_column(name: str, values: list, typed: bool) -> tuple[pa.Field, pa.Array]:
+    """A JSONL column: Arrow's own type when it gives every value back exactly (compared as JSON), else the values'
+    JSON text (marked JSON_TEXT). `typed`: the prompt or conversation column, which the worker needs as values."""
+    if all(v is None for v in values):
+        return pa.field(name, pa.string()), pa.nulls(len(values), pa.string())
+    try:
+        arr = pa.array(values)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        arr = None
+    if arr is None and typed:
+        kinds = sorted({type(v).__name__ for v in values if v is not None})
+        raise InputError(f"column {name!r} mixes JSON types ({', '.join(kinds)}); a prompt or conversation column "
+                         "must hold one kind of value")
+    if arr is not None and (typed or json.dumps(arr.to_pylist(), sort_keys=True) == json.dumps(values, sort_keys=True)):
+        return pa.field(name, arr.type), arr
+    text = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+    return pa.field(name, pa.string(), metadata=JSON_TEXT), pa.array(text, pa.string())
+
+
+def _parse_jsonl(data: bytes, uri: str, typed: tuple[str, ...]) -> pa.Table:
+    """JSON Lines as a table, every value as it was: strings stay strings (no timestamps guessed from them),
+    numbers keep int or float, missing keys are nulls."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"input file {uri} is not valid JSON Lines: line {line} is not UTF-8") from None
+    columns: dict[str, list] = {}
+    n = 0
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a string
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise InputError(f"input file {uri} is not valid JSON Lines (one JSON object per line): line {lineno}: "
+                             f"{e}") from None
+        if not isinstance(row, dict):
+            raise InputError(f"input file {uri} is not valid JSON Lines (one JSON object per line): line {lineno} "
+                             f"is a JSON {type(row).__name__}")
+        for k, v in row.items():
+            columns.setdefault(k, [None] * n).append(v)
+        n += 1
+        for vs in columns.values():
+            if len(vs) < n:
+                vs.append(None)
+    built = [_json_column(k, vs, k in typed) for k, vs in columns.items()]
+    return pa.Table.from_arrays([a for _, a in built], schema=pa.schema([f for f, _ in built]))
+
+
+def _parse_csv(data: bytes) -> pa.Table:
+    names = pacsv.open_csv(io.BytesIO(data)).schema.names
+    opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in names}, strings_can_be_null=False)
+    return pacsv.read_csv(io.BytesIO(data), convert_options=opts)
+
+
+def parse_text(data: bytes, fmt: str, uri: str, string_columns: tuple[str, ...] = (),
+               column_types: dict[str, str] | None = None) -> pa.Table:
+    """A JSONL or CSV file's bytes as a table with the values as they are in the file: every CSV column as text
+    (an empty field is "", never null; "007" stays "007"), JSONL values as JSON has them (see _json_column).
+    `column_types` ({column: Arrow type name}, input.column_types) converts the columns it names.
+    `string_columns` (the prompt column) stay typed values in JSONL for the worker. An OpenAI batch file (fmt
+    openai) becomes its (custom_id, request) table: see workers/openai_batch.py."""
     if fmt == "openai":
         from .openai_batch import batch_table
 
         return batch_table(data, uri)
     try:
-        if fmt == "jsonl":
-            return pajson.read_json(io.BytesIO(data))
-        types = {c: pa.string() for c in string_columns}  # names the file lacks are ignored
-        return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types))
+        table = _parse_jsonl(data, uri, string_columns) if fmt == "jsonl" else _parse_csv(data)
     except pa.ArrowException as e:
         what = "JSON Lines (one JSON object per line)" if fmt == "jsonl" else "CSV with a header row"
         raise InputError(f"input file {uri} is not valid {what}: {str(e).splitlines()[0]}") from None
+    except InputError as e:
+        if str(e).startswith("column "):
+            raise InputError(f"input file {uri}: {e}") from None
+        raise
+    for name, type_name in (column_types or {}).items():
+        if name not in table.column_names:
+            continue  # names the file lacks: planning reports a missing required column itself
+        i = table.schema.get_field_index(name)
+        col = table.column(i)
+        if is_json_text(table.schema.field(i)):
+            col = pa.array([None if v is None else json.loads(v) for v in col.to_pylist()])
+        if fmt == "csv":  # empty fields of a typed CSV column are nulls
+            col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+        try:
+            col = col.cast(arrow_type(type_name))
+        except (pa.ArrowException, ValueError) as e:
+            raise InputError(f"input file {uri}: column {name!r} cannot be read as input.column_types "
+                             f"{type_name!r}: {str(e).splitlines()[0]}") from None
+        table = table.set_column(i, pa.field(name, col.type), col)
+    return table
 
 
 def inspect_text(uri: str, relpath: str, fmt: str, id_column: str | None, string_columns: tuple[str, ...],
-                 storage_options: dict | None) -> Inspected:
+                 storage_options: dict | None, column_types: dict[str, str] | None = None) -> Inspected:
     """Rows, content hash, schema and ids of a JSONL or CSV file (read and parsed whole)."""
     data = _read_bytes(uri, storage_options)
-    table = parse_text(data, fmt, uri, string_columns)
+    table = parse_text(data, fmt, uri, string_columns, column_types)
     ids = table.column(id_column) if id_column and id_column in table.column_names else None
     return Inspected(uri, relpath, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), table.schema, ids)
 
@@ -404,10 +501,11 @@ class InputReader:
     opened HF dataset, so the consecutive shards a worker gets from one file are parsed once."""
 
     def __init__(self, source: InputSource, storage_options: dict | None = None,
-                 string_columns: tuple[str, ...] = ()):
+                 string_columns: tuple[str, ...] = (), column_types: dict[str, str] | None = None):
         self.source = source
         self.storage_options = storage_options
         self.string_columns = string_columns
+        self.column_types = column_types
         self._text: tuple[tuple, pa.Table] | None = None  # ((uri, digest), parsed table)
         self._hf = None
 
@@ -440,5 +538,6 @@ class InputReader:
                 raise changed(shard.file, f"{shard.file_size} -> {len(data)} bytes")
             if shard.digest is not None and hashlib.sha256(data).hexdigest() != shard.digest:
                 raise changed(shard.file, "its content differs")
-            self._text = (key, parse_text(data, fmt, shard.file, self.string_columns))
+            self._text = (key, parse_text(data, fmt, shard.file, self.string_columns,
+                                                 self.column_types))
         return self._text[1].select(columns).slice(shard.start, shard.rows)

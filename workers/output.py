@@ -9,6 +9,9 @@ benchmarks all go through it.
     stats/NNNNN.json          the commit marker: the shard's counters and its data file's size, rows and crc32
     summary.json              job totals after a run; the shards still missing, each with why
     logs/NNNNN-attemptK.txt   what went wrong in each failed attempt
+    README.md                 the dataset card: its `configs:` names shards/*.<ext>, so `datasets.load_dataset(root)`
+                              loads the shards (and nothing else), with the job's figures for a human reader
+    report.html, report.png   the job report (jobs/report.py): throughput over time, NFE, occupancy, finish reasons
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ log = logging.getLogger("fastdllm.output")
 
 JOB, SUMMARY, LEASE = "job.json", "summary.json", "lease.json"
 TMP = "_tmp"  # local writes go here first, then are renamed into place (same file system, atomic)
+CARD, REPORT_HTML, REPORT_PNG = "README.md", "report.html", "report.png"
 READ_BATCH = 32  # files fetched per fs.cat call while scanning (concurrent on object stores, bounded memory)
 
 
@@ -140,19 +144,25 @@ class MissingShard:
 
 @dataclass
 class RunStats:
-    """This run only: the shards it ran and its throughput over the driver's wall time."""
+    """The last run that had shards to run (a rerun with nothing to do keeps the one before): the shards it ran
+    and its job tokens/s: generated tokens over its wall time less the start-up (Ray, actors, model loads)."""
 
     shards_run: int = 0
     generated_tokens: int = 0
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # the whole run, start-up included
     interrupted: str | None = None  # SIGTERM / SIGINT when a signal stopped the run
+    startup_seconds: float = 0.0  # run start -> the first worker ready
 
     @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 and self.generated_tokens else 0.0
+    def job_tokens_per_second(self) -> float:
+        busy = self.wall_seconds - self.startup_seconds
+        return self.generated_tokens / busy if busy > 0 and self.generated_tokens else 0.0
+
+    tokens_per_second = job_tokens_per_second  # the older name, kept for readers of summary.json
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "tokens_per_second": self.tokens_per_second}
+        return {**dataclasses.asdict(self), "job_tokens_per_second": self.job_tokens_per_second,
+                "tokens_per_second": self.job_tokens_per_second}
 
 
 @dataclass
@@ -180,6 +190,7 @@ class JobSummary:
     def from_dict(cls, d: dict) -> "JobSummary":
         run = {k: d["run"][k] for k in ("shards_run", "generated_tokens", "wall_seconds")}
         run["interrupted"] = d["run"].get("interrupted")
+        run["startup_seconds"] = float(d["run"].get("startup_seconds", 0.0))
         return cls(shards=int(d["shards"]), committed=int(d["committed"]),
                    missing=[MissingShard(**m) for m in d["missing"]], totals=ShardStats.from_dict(d["totals"]),
                    run=RunStats(**run), too_many_errors=d.get("too_many_errors"), finished_at=d["finished_at"])
@@ -256,6 +267,10 @@ class JobOutput:
 
     def shard_file(self, shard: int) -> str:
         return f"shards/{shard_name(shard)}.{self.ext}"
+
+    def data_glob(self) -> str:
+        """The shards' data files as a glob relative to the root (what the dataset card's configs name)."""
+        return f"shards/*.{self.ext}"
 
     @staticmethod
     def marker_file(shard: int) -> str:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 import fastdllm
 
-from .inputs import InputReader, InputSource, ShardDataError
+from .inputs import InputReader, InputSource, ShardDataError, is_json_text
 from .output import DataFile, JobOutput, ShardRecord, now, shard_name
 from .stats import ShardStats
 
@@ -87,6 +87,7 @@ class WorkerSettings:
     messages_column: str | None = None  # instead of prompt_column: a list of {role, content} per row
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()  # input columns copied to the output
+    column_types: dict[str, str] = field(default_factory=dict)  # input.column_types: {column: Arrow type name}
     num_samples: int = 1
     structured: fastdllm.StructuredOutputs | None = None  # every row's output constraint
     structured_column: str | None = None  # or each row's, from this column (JSON text of {json|regex|choice|...})
@@ -138,7 +139,13 @@ def encode_rows(table: pa.Table, fmt: str) -> bytes:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         return buf.getvalue()
-    return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in table.to_pylist()).encode()
+    rows = table.to_pylist()
+    for f in table.schema:  # JSONL values kept as JSON text (workers/inputs.py) go back as the JSON they were
+        if is_json_text(f):
+            for row in rows:
+                if row[f.name] is not None:
+                    row[f.name] = json.loads(row[f.name])
+    return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows).encode()
 
 
 def decode_text(column: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
@@ -214,7 +221,8 @@ class ShardWorker:
         self.max_prompt = self.model.config.max_seq_len - self.cfg.gen_length
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.reader = InputReader(settings.source, settings.storage_options,
-                                  string_columns=(settings.prompt_column,) if settings.prompt_column else ())
+                                  string_columns=(settings.messages_column or settings.prompt_column,),
+                                  column_types=settings.column_types)
         self._warm_up()
         self._shared: SharedEngine | None = None
         self._shared_lock = threading.Lock()
@@ -363,6 +371,7 @@ class ShardWorker:
         self._inject_fault(shard, attempt)
         counters.nfe = sum(nfe)
         counters.generated_tokens = sum(len(t) for t in completion_ids if t is not None)
+        counters.finish_reasons = {r: reasons.count(r) for r in sorted(set(reasons))}
         return completion_ids, nfe, reasons
 
     def run_shard(self, shard: Shard, attempt: int = 0) -> ShardRecord:
@@ -397,15 +406,16 @@ class ShardWorker:
 
         ns = self.s.num_samples
         rows = [i for i in range(table.num_rows) for _ in range(ns)]  # the input row of each output row
-        schema = pa.schema([pa.field("id", id_type)] + OUTPUT_SCHEMA_TAIL)
+        id_meta = table.schema.field(self.s.id_column).metadata if self.s.id_column else None  # JSON text ids
+        schema = pa.schema([pa.field("id", id_type, metadata=id_meta)] + OUTPUT_SCHEMA_TAIL)
         out_table = pa.table([[ids[i] for i in rows], [k for _ in range(table.num_rows) for k in range(ns)],
                               [texts[i] for i in rows],
                               [self.tok.decode(t) if t is not None else None for t in completion_ids],
                               completion_ids, [len(t) if t is not None else 0 for t in completion_ids], nfe, reasons,
                               [errors[i] for i in rows]], schema=schema)
         kept = table.select(list(self.s.keep_columns)).take(pa.array(rows, pa.int64()))
-        for name, column in zip(kept.column_names, kept.columns):
-            out_table = out_table.append_column(name, column)
+        for f, column in zip(kept.schema, kept.columns):
+            out_table = out_table.append_column(f, column)  # the field, so its metadata (JSON text) stays
         t_write = time.perf_counter()
         data = encode_rows(out_table, self.s.output_format)
 

@@ -28,11 +28,13 @@ class ShardStats:
     write_seconds: float = 0.0  # writing the shard's data file
     wall_seconds: float = 0.0  # reading the shard -> committing it
     error_reasons: dict[str, int] = field(default_factory=dict)  # error rows by reason (numbers blanked)
+    finish_reasons: dict[str, int] = field(default_factory=dict)  # output rows by finish reason (stop, length, error)
 
     def __add__(self, other: "ShardStats") -> "ShardStats":
+        counts = ("error_reasons", "finish_reasons")
         summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)
-                  if f.name != "error_reasons"}
-        return ShardStats(**summed, error_reasons=dict(Counter(self.error_reasons) + Counter(other.error_reasons)))
+                  if f.name not in counts}
+        return ShardStats(**summed, **{k: dict(Counter(getattr(self, k)) + Counter(getattr(other, k))) for k in counts})
 
     def commonest_errors(self, k: int = 3) -> list[tuple[str, int]]:
         """The k most frequent error reasons with their row counts, most frequent first."""
@@ -59,5 +61,5 @@ class ShardStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardStats":
-        defaults = {"shards": 1, "error_reasons": {}}
+        defaults = {"shards": 1, "error_reasons": {}, "finish_reasons": {}}
         return cls(**{f.name: d.get(f.name, defaults.get(f.name, 0)) for f in dataclasses.fields(cls)})
