@@ -44,13 +44,24 @@ import torch
 import fastdllm
 from fastdllm.models import from_config
 from fastdllm.models.common import ModelConfig
-from fastdllm.movement import count_movement
 from fastdllm.policies import CACHE_POLICIES
 from fastdllm.rules import RULES
 from fastdllm.tiny_kit import problems
 
+try:
+    from fastdllm.movement import count_movement
+except ImportError:  # the continuous engine before it (c91e7c2), run side by side: this checkout's counter
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location(
+        "_movement", Path(__file__).resolve().parent.parent / "fastdllm" / "movement.py")
+    _movement = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_movement)
+    count_movement = _movement.count_movement
+
 CACHES = tuple(CACHE_POLICIES)
-ENGINE = "request engine"  # the label of this engine's rows in the JSON (--merge compares it with older ones)
+# The label of this engine's rows in the JSON (--merge compares it with older ones' saved runs).
+ENGINE = "request engine" if hasattr(fastdllm, "Engine") else "continuous"
 
 
 def parse_args(argv=None):
