@@ -17,7 +17,7 @@ SECRET_VALUES = [
     (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/:@\s]*):(?!\$\{\w+\}@)[^/@\s]+@", re.IGNORECASE), r"\1:<redacted>@"),  # URL user:pass@
     (re.compile(r"\b(Bearer|Basic|Token|SharedKey)\s+\S+", re.IGNORECASE), r"\1 <redacted>"),  # Authorization values
     (re.compile(r"\b(AccountKey|SharedAccessSignature|SharedAccessKey|sig|password|pwd|secret|token|"
-                r"X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=[^;&\s]+", re.IGNORECASE),
+                r"X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=(?!\$\{\w+\})[^;&\s]+", re.IGNORECASE),
      r"\1=<redacted>"),  # connection-string fields, SAS and presigned-URL parameters
     (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "<redacted>"),  # AWS access key ids
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.DOTALL),
