@@ -135,7 +135,8 @@ class Engine:
 
             compile_model(model)
         self._next = 0
-        self.stats = dict(steps=0, forward_passes=0, row_forwards=0, forward_flops=0, rows_in_flight=0)
+        self.stats = dict(steps=0, forward_passes=0, row_forwards=0, forward_flops=0, rows_in_flight=0,
+                          proposal_rows=0, exact_rows=0)  # exact_rows: decided by the float64 fallback
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -305,7 +306,7 @@ class Engine:
             quota=[self.schedule[min(r.step, len(self.schedule) - 1)] for r in live])
         gens = [r.generator for r in live] if any(r.request.sampling for r in live) else None
         block = propose_commit(step.logits, block, sel, self.mask_id, self.cfg.rule, self.cfg.remasking, settings,
-                               gens)
+                               gens, tally=self.stats)
         rows.x[: rows.n].scatter_(1, idx, block)
         s = self.stats
         s["steps"] += 1
