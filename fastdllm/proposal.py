@@ -19,6 +19,8 @@ from .rules import commit_counts, select
 # The proposal works on chunks of rows holding at most this many (position x vocabulary) entries, so its float64
 # temporaries stay bounded (about 32 MiB each) at any batch size and vocabulary (LLaDA: 126k).
 PROPOSE_CHUNK_ELEMENTS = 1 << 22
+# The float32 path's exp and sums run over slabs of positions of at most this many logits (4 MiB, cache-sized).
+FAST_SLAB_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -62,12 +64,13 @@ def propose_bounded(logits: torch.Tensor, select_idx: torch.Tensor, mask_id: int
     x0 = torch.empty((B, M), dtype=torch.long, device=logits.device)
     conf = torch.empty((B, M), dtype=torch.float64, device=logits.device)
     rel = torch.empty((B, M), dtype=torch.float64, device=logits.device) if fast else None
-    work = torch.empty((min(B, step), M, V), dtype=torch.float32, device=logits.device) if fast else None
+    work = torch.empty((max(1, min(B * M, FAST_SLAB_ELEMENTS // V)), V), dtype=torch.float32,
+                       device=logits.device) if fast else None
     for a in range(0, B, step):
         b = min(B, a + step)
         x0[a:b], conf[a:b], r = _propose_rows(logits[a:b], temperature[a:b], remasking,
                                               None if generators is None else generators[a:b], mask_id,
-                                              block_length, select_idx[a:b], None if work is None else work[: b - a])
+                                              block_length, select_idx[a:b], work)
         if fast:
             rel[a:b] = r
     return x0, conf, rel
@@ -78,7 +81,7 @@ _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _propose_rows(logits, temperature: list[float], remasking: str, gens, mask_id: int, block_length: int,
                   select_idx: torch.Tensor, work: torch.Tensor | None):
-    """`propose_bounded` for one chunk of rows; `work` (float32, the chunk's shape) when the fast path runs."""
+    """`propose_bounded` for one chunk of rows; `work` (float32 (k, V)) when the fast path runs."""
     fast = work is not None
     V = logits.shape[-1]
     log_z = None
@@ -155,13 +158,16 @@ def _fast_conf(logits: torch.Tensor, x0: torch.Tensor, top: torch.Tensor, mask_l
     rounding of the bound itself. Positions whose values are not finite get rel = inf (decided in float64)."""
     V = logits.shape[-1]
     m = torch.maximum(top, mask_logit).float()  # (b, M) the largest logit of the whole vocabulary
-    t = torch.sub(logits, m[..., None], out=work).exp_()  # (b, M, V) float32, exp(x_i - m)
+    flat, m_flat = logits.reshape(-1, V), m.reshape(-1, 1)  # (b M, V): a view of the chunk's logits
+    s = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)
+    k = work.shape[0]
     q = V // SUM_CHUNK
-    s = torch.zeros(t.shape[:-1], dtype=torch.float64, device=t.device)  # (b, M)
-    if q:
-        s += t[..., : q * SUM_CHUNK].unflatten(-1, (q, SUM_CHUNK)).sum(-1).double().sum(-1)
-    if q * SUM_CHUNK < V:
-        s += t[..., q * SUM_CHUNK:].sum(-1).double()
+    for a in range(0, flat.shape[0], k):  # slabs of positions that stay in cache for the three passes
+        b = min(flat.shape[0], a + k)
+        t = torch.sub(flat[a:b], m_flat[a:b], out=work[: b - a]).exp_()  # (k, V) float32, exp(x_i - m)
+        part = t[:, : q * SUM_CHUNK].unflatten(-1, (q, SUM_CHUNK)).sum(-1).double().sum(-1) if q else 0.0
+        s[a:b] = part + (t[:, q * SUM_CHUNK:].sum(-1).double() if q * SUM_CHUNK < V else 0.0)
+    s = s.view(m.shape)  # (b, M)
     m64 = m.double()
     s = s + torch.exp(mask_logit.double() - m64)  # the mask column, -inf in t
     lx = logits.gather(-1, x0[..., None]).squeeze(-1).double()  # (b, M)
