@@ -46,7 +46,7 @@ def test_a_bf16_shard_decodes_and_its_marker_records_the_dtype(monkeypatch, tmp_
     monkeypatch.setenv("FASTDLLM_CPU_BF16", "1")
     prompts = ["12+34=", "sort:9182="]
     pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string())}), tmp_path / "p.parquet")
-    decode = fastdllm.DecodeConfig(gen_length=16, block_length=8, steps=16, cache="dual", rule="threshold",
+    decode = fastdllm.DecodeConfig(gen_length=8, block_length=8, steps=8, cache="dual", rule="threshold",
                                    threshold=0.9)
     w = ShardWorker(WorkerSettings(model_source="tiny", decode=decode, output_uri=str(tmp_path / "out"),
                                    batch_size=2))
