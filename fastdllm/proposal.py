@@ -99,6 +99,7 @@ def _propose_rows(logits, temperature: list[float], remasking: str, gens, mask_i
                 draws[i] = torch.rand((block_length, V + 1) if sampled[i] else (block_length, 1), generator=g,
                                       device=logits.device, dtype=torch.float64)
     top, x0 = _max_first(logits)  # (b, M) the largest proposable logit and its first index, as argmax gives
+    top_idx = x0.clone() if fast else None
     for i in (i for i, s in enumerate(sampled) if s):
         # argmax of exp(logits) / (-log u)^T, in log space: logits - T * log(-log u)
         gumbel = draws[i][:, :V].index_select(0, select_idx[i]).clamp_min(1e-300)  # (M, V)
@@ -107,7 +108,7 @@ def _propose_rows(logits, temperature: list[float], remasking: str, gens, mask_i
     if remasking == "random":  # every row has a generator then
         conf = torch.stack([draws[i][:, -1] for i in range(len(temperature))]).gather(1, select_idx)  # (b, M)
     elif fast:
-        conf, rel = _fast_conf(logits, x0, top, mask_logit, work)
+        conf, rel = _fast_conf(logits, x0, top, top_idx, mask_logit, work)
     else:
         conf = torch.exp(logits.gather(-1, x0[..., None]).squeeze(-1).double() - log_z)  # softmax(x0), float64
     logits[..., mask_id] = mask_logit
@@ -139,19 +140,21 @@ def _max_first(logits: torch.Tensor):
     return top, start + vals.argmax(-1)
 
 
-def _fast_conf(logits: torch.Tensor, x0: torch.Tensor, top: torch.Tensor, mask_logit: torch.Tensor,
-               work: torch.Tensor):
+def _fast_conf(logits: torch.Tensor, x0: torch.Tensor, top: torch.Tensor, top_idx: torch.Tensor,
+               mask_logit: torch.Tensor, work: torch.Tensor):
     """The softmax probability of x0 over the whole vocabulary in float32, with its bound. logits (b, M, V) have
     the mask column at -inf, `top` is their max, `mask_logit` the mask column's own value.
 
-    c = exp(l - m) / S with m the largest logit and S = sum_i exp(x_i - m) (S >= 1). Against the true p = exp(l-L),
-    L = log sum exp(x_i):
-      - d_i = x_i - m rounds in float32 to d_i (1 + e), |e| <= u32: term i is off by a factor exp(d_i e), so S by
-        at most u32 * sum_i p_i |d_i| = u32 * (H - (L - m)) <= u32 * log V (H the softmax's entropy);
+    c = exp(l - m) / S with m the largest logit and S = sum_i exp(x_i - m) (S >= 1). The largest proposable term
+    and the mask token's are added in float64 (so a confidence near 1 keeps its distance from 1); the others, `rest`,
+    are summed in float32. Against the true p = exp(l - L), L = log sum exp(x_i), `rest` is off by at most:
+      - d_i = x_i - m rounds in float32 to d_i (1 + e), |e| <= u32: term i is off by a factor exp(d_i e), and
+        |d_i| <= 104 for every term that does not underflow (relative 104 u32);
       - each float32 exp is within _EXP_ULPS ulps (relative 2 u32 each); underflowed terms lose < 2^-149 each;
       - the float32 sums run over chunks of SUM_CHUNK terms (any order: nonnegative terms, relative error
         <= (SUM_CHUNK - 1) u32 / (1 - (SUM_CHUNK - 1) u32)) and the chunk sums add in float64;
-      - the float64 steps (exp(l - m), the division, the mask term) cost a few u64 each, times |l| + |m|.
+      - the float64 steps (the two float64 terms, exp(l - m), the division) cost a few u64 each, times |l| + |m|.
+    So S is off by at most err_s = fast * rest + V 2^-149 + 8 u64 S.
     The float64 reference c64 = exp(l - logsumexp64(x)) has its own error: its sum of V terms in any order
     (V u64), the term exps and the log, exp and subtraction (a few u64 times (1 + log V + |l| + |m|)). So
     |c - c64| <= c * rel with rel the sum of both, doubled to cover the products of small terms and the
@@ -159,24 +162,28 @@ def _fast_conf(logits: torch.Tensor, x0: torch.Tensor, top: torch.Tensor, mask_l
     V = logits.shape[-1]
     m = torch.maximum(top, mask_logit).float()  # (b, M) the largest logit of the whole vocabulary
     flat, m_flat = logits.reshape(-1, V), m.reshape(-1, 1)  # (b M, V): a view of the chunk's logits
+    top_flat = top_idx.reshape(-1, 1)
     s = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)
     k = work.shape[0]
     q = V // SUM_CHUNK
     for a in range(0, flat.shape[0], k):  # slabs of positions that stay in cache for the three passes
         b = min(flat.shape[0], a + k)
         t = torch.sub(flat[a:b], m_flat[a:b], out=work[: b - a]).exp_()  # (k, V) float32, exp(x_i - m)
+        t.scatter_(1, top_flat[a:b], 0.0)  # the largest proposable term is added in float64 below
         part = t[:, : q * SUM_CHUNK].unflatten(-1, (q, SUM_CHUNK)).sum(-1).double().sum(-1) if q else 0.0
         s[a:b] = part + (t[:, q * SUM_CHUNK:].sum(-1).double() if q * SUM_CHUNK < V else 0.0)
-    s = s.view(m.shape)  # (b, M)
+    rest = s.view(m.shape)  # (b, M) the float32 terms: all but the top and mask ones
     m64 = m.double()
-    s = s + torch.exp(mask_logit.double() - m64)  # the mask column, -inf in t
+    s = rest + torch.exp(top.double() - m64) + torch.exp(mask_logit.double() - m64)  # (b, M), S >= 1
     lx = logits.gather(-1, x0[..., None]).squeeze(-1).double()  # (b, M)
     conf = torch.exp(lx - m64) / s
     log_v = math.log(V)
     c = SUM_CHUNK - 1
-    fast = _U32 * log_v + 2 * _EXP_ULPS * _U32 + c * _U32 / (1 - c * _U32) + V * 2.0 ** -149
+    # relative error of the float32 part `rest`: |d_i| <= 104 for a term that does not underflow
+    fast = 104 * _U32 + 2 * _EXP_ULPS * _U32 + c * _U32 / (1 - c * _U32)
+    err_s = fast * rest + V * 2.0 ** -149 + 8 * _U64 * s  # absolute error of S
     ref = V * _U64 / (1 - V * _U64) + 16 * _U64 * (1 + log_v)
-    rel = 2 * (fast + ref + 16 * _U64 * (lx.abs() + m64.abs()))
+    rel = 2 * (err_s / s + ref + 16 * _U64 * (lx.abs() + m64.abs() + top.double().abs()))
     bad = ~(torch.isfinite(conf) & torch.isfinite(m64) & torch.isfinite(lx))
     return conf, rel.masked_fill(bad, float("inf"))
 
