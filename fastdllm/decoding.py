@@ -116,6 +116,6 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
                  slot_utilisation=es["rows_in_flight"] / (es["steps"] * engine.max_batch_size) if es["steps"] else 0.0,
                  generated_tokens=n_tok, wall_seconds=wall, tokens_per_second=n_tok / wall if wall > 0 else 0.0,
                  prompt_tokens=sum(len(p) for p in prompts), padded_length=engine.rows.T,
-                 forward_flops=es["forward_flops"])
+                 forward_flops=es["forward_flops"], proposal_rows=es["proposal_rows"], exact_rows=es["exact_rows"])
     return GenerateOutput(tokens=tokens, nfe=nfe_out, finish_reasons=[f.finish_reason for f in done], stats=stats,
                           texts=[f.text for f in done] if tokenizer is not None else None)

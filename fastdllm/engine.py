@@ -136,7 +136,8 @@ class Engine:
 
             compile_model(model)
         self._next = 0
-        self.stats = dict(steps=0, forward_passes=0, row_forwards=0, forward_flops=0, rows_in_flight=0)
+        self.stats = dict(steps=0, forward_passes=0, row_forwards=0, forward_flops=0, rows_in_flight=0,
+                          proposal_rows=0, exact_rows=0)  # exact_rows: decided by the float64 fallback
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -317,7 +318,7 @@ class Engine:
         gens = [r.generator for r in live] if any(r.request.sampling for r in live) else None
         structured = self._structured_step(sel) if any(r.request.structured for r in live) else None
         block = propose_commit(step.logits, block, sel, self.mask_id, self.cfg.rule, self.cfg.remasking, settings,
-                               gens, structured=structured)
+                               gens, structured=structured, tally=self.stats)
         rows.x[: rows.n].scatter_(1, idx, block)
         s = self.stats
         s["steps"] += 1

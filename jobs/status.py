@@ -80,9 +80,10 @@ def throughput_table(records: dict[int, ShardRecord]) -> str:
     """A text table of per-shard throughput from the commit records (slots: the slot utilisation, mean rows in
     flight / max_batch_size over the engine steps the shard's rows took part in)."""
     lines = [f"{'shard':>5} {'rows':>6} {'errors':>6} {'tokens':>8} {'nfe':>8} {'occup':>6} {'slots':>6} "
-             f"{'seconds':>8} {'tok/s':>8}  worker"]
+             f"{'seconds':>8} {'tok/s':>8} {'dtype':>8}  worker"]
     for k in sorted(records):
         r, s = records[k], records[k].stats
         lines.append(f"{k:>5} {s.rows:>6} {s.error_rows:>6} {s.generated_tokens:>8} {s.nfe:>8} {s.occupancy:>6.2f} "
-                     f"{s.slot_utilisation:>6.2f} {s.wall_seconds:>8.2f} {s.tokens_per_second:>8.1f}  {r.worker}")
+                     f"{s.slot_utilisation:>6.2f} {s.wall_seconds:>8.2f} {s.tokens_per_second:>8.1f} {r.dtype or '-':>8}  "
+                     f"{r.worker}")
     return "\n".join(lines)

@@ -92,6 +92,7 @@ class ShardRecord:
     file: DataFile
     worker: str = ""
     device: str = ""
+    dtype: str = ""  # the model's dtype as loaded ("float32", "bfloat16"): what dtype "auto" chose
     model: str = ""
     config: dict = field(default_factory=dict)
     attempt: int = 0
@@ -113,8 +114,8 @@ class ShardRecord:
         try:
             f = d["file"]
             file = DataFile(path=str(f["path"]), size=int(f["size"]), rows=int(f["rows"]), crc32=str(f["crc32"]))
-            meta = {k: d[k] for k in ("worker", "device", "model", "config", "attempt", "started_at", "finished_at")
-                    if k in d}
+            meta = {k: d[k] for k in ("worker", "device", "dtype", "model", "config", "attempt", "started_at",
+                                      "finished_at") if k in d}
             rec = cls(shard=int(d["shard"]), stats=ShardStats.from_dict(d), file=file, **meta)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"incomplete marker ({type(e).__name__}: {e})") from None

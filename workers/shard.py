@@ -423,7 +423,7 @@ class ShardWorker:
             counters.write_seconds = time.perf_counter() - t_write
             counters.wall_seconds = time.perf_counter() - t0
             return ShardRecord(shard=shard.index, stats=counters, file=file, worker=self.name, device=self.device,
-                               model=self.s.model_source, config={**self.cfg.to_dict(), "num_samples": ns},
+                               dtype=str(self.model.dtype).removeprefix("torch."), model=self.s.model_source, config={**self.cfg.to_dict(), "num_samples": ns},
                                attempt=attempt, started_at=started, finished_at=now())
 
         return self.out.commit(shard.index, data, out_table.num_rows, record, run_id=self.s.run_id)

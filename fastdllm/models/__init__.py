@@ -181,11 +181,51 @@ def _stop_ids(path: Path, config: dict) -> tuple[int, ...]:
     return tuple(ids)
 
 
+CPU_BF16_ENV = "FASTDLLM_CPU_BF16"
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of native bf16 dot products (oneDNN uses them)
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 natively: a flag of BF16_CPU_FLAGS in /proc/cpuinfo (Linux; elsewhere no).
+    A flag check, not a timing probe: it is free, gives the same answer on every run and every worker of a kind
+    (a job's shards never mix dtypes by the luck of a noisy probe), and the flags are what oneDNN keys on; without
+    them torch emulates bf16 matmuls, slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(f in flags for f in BF16_CPU_FLAGS) and torch.backends.mkldnn.is_available()
+
+
+_CPU_BF16: bool | None = None
+
+
+def cpu_prefers_bf16() -> bool:
+    """`dtype: auto` on CPU: bf16 when FASTDLLM_CPU_BF16=1, fp32 when 0, else bf16 where `cpu_has_bf16` (cached)."""
+    global _CPU_BF16
+    v = os.environ.get(CPU_BF16_ENV, "")
+    if v in ("0", "1"):
+        return v == "1"
+    if v:
+        raise ValueError(f"{CPU_BF16_ENV}={v!r}: set it to 1 (bf16), 0 (fp32) or leave it unset (detect)")
+    if _CPU_BF16 is None:
+        _CPU_BF16 = cpu_has_bf16()
+    return _CPU_BF16
+
+
 def torch_dtype(dtype, device) -> torch.dtype:
-    """The torch dtype for a name in DTYPE_NAMES (or a torch.dtype) on `device`; None / auto: bf16 on CUDA, else
-    fp32."""
+    """The torch dtype for a name in DTYPE_NAMES (or a torch.dtype) on `device`; None / auto: bf16 on CUDA, on CPU
+    bf16 where `cpu_prefers_bf16`, else fp32."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        kind = torch.device(device).type
+        if kind == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if kind == "cpu" and cpu_prefers_bf16() else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
