@@ -91,7 +91,7 @@ def propose_commit(logits: torch.Tensor, block: torch.Tensor, select_idx: torch.
     dev = block.device
     candidates = (block == mask_id).gather(1, select_idx)  # (B, M)
     params = {name: _values(getattr(settings, name), dev) for name in ("threshold", "factor", "frechet_margin")}
-    quota = torch.tensor(settings.quota, device=dev) if rule == "quota" else 1
+    quota = torch.tensor(settings.quota, device=dev) if rule in ("quota", "quota_threshold") else 1
     commit_sel = select(conf, candidates, rule, quota=quota, **params)  # (B, M)
     commit = torch.zeros_like(block, dtype=torch.bool).scatter(1, select_idx, commit_sel)  # (B, bl)
     return torch.where(commit, block.scatter(1, select_idx, x0), block)

@@ -193,6 +193,9 @@ def check_model_source(m: Manifest) -> dict:
         else:
             path = resolve_source(src, m.model.revision)  # raises the library's message
         cfg = read_config(Path(path))
+        from fastdllm.block_causal import check_cache
+
+        check_cache(cfg, m.decode.config.cache)
         if Path(src).expanduser().is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
             raise ValueError(f"model directory {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})")
     except (ValueError, OSError) as e:
