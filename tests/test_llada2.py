@@ -396,7 +396,7 @@ def test_engine_requests_join_mid_flight(ckpt_a):
     model = load_model(ckpt_a[0])
     cfg = DecodeConfig(gen_length=16, block_length=8, steps_per_block=4, rule="quota_threshold", threshold=0.9,
                        cache="prefix", stop_at_eos=False)
-    ps = prompts_for([6, 12, 3], seed=9)
+    ps = prompts_for([6, 12, 21], seed=9)  # the third one's canvas is longer: the buffers grow mid-flight
     alone = [generate(model, [p], cfg).tokens[0] for p in ps]
     eng = Engine(model, cfg, max_batch_size=2)
     ids = [eng.add(Request(ps[0])), eng.add(Request(ps[1]))]

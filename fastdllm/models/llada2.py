@@ -313,7 +313,15 @@ class Llada2Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
 
     def forward(self, x, cos, sin, key_mask, cache=None, layer: int = 0, start=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, cache, layer, start)
+        heads = self.attn.mix(*self.qkv_in(x, cos, sin), key_mask, cache, layer, start)  # (B, H, L, hd)
+        return self.finish(x, heads)
+
+    # the dense halves around the attention, as in common.Block (what `compile=True` compiles)
+    def qkv_in(self, x, cos, sin):
+        return self.attn.qkv_(self.attn_norm(x), cos, sin)
+
+    def finish(self, x, heads):
+        x = x + self.attn.project(heads)
         return x + self.mlp(self.mlp_norm(x))
 
 
