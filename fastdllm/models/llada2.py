@@ -167,8 +167,9 @@ def ours(name: str) -> str | None:
 
 
 def stack(state: dict[str, torch.Tensor], cfg: Llada2Config) -> dict[str, torch.Tensor]:
-    """The per-expert tensors of `state` stacked into (E, out, in) weights per layer (one copy of the experts)."""
-    out = {k: v for k, v in state.items() if "[" not in k}
+    """The per-expert tensors of `state` stacked into (E, out, in) weights per layer (one copy of the experts).
+    Empty tensors are dropped: the reference writes zero-width shared experts when num_shared_experts is 0."""
+    out = {k: v for k, v in state.items() if "[" not in k and v.numel()}
     for i in range(cfg.n_layers):
         if not cfg.is_moe(i):
             continue
