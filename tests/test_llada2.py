@@ -409,3 +409,35 @@ def test_engine_requests_join_mid_flight(ckpt_a):
             got[f.id] = f.tokens
         steps += 1
     assert [got[i] for i in ids] == alone
+
+
+# -- traces recorded from the public reference (LLaDA2MoeModelLM.generate, transformers 4.57, fp32, its sampler
+# replaced by argmax with the mask token excluded: true greedy) on the checkpoints in tests/fixtures/llada2 -------
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "llada2"
+
+
+def _fixture_cases():
+    p = FIXTURES / "cases.json"
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+@pytest.mark.skipif(not (FIXTURES / "cases.json").is_file(), reason="no recorded llada2 reference traces")
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_recorded_reference_traces(cache):
+    cases = _fixture_cases()
+    models = {}
+    groups: dict[tuple, list[dict]] = {}
+    for c in cases:
+        key = (c["checkpoint"], c["block_length"], c["steps_per_block"], c["threshold"], c["gen_length"], c["eos"],
+               c["eos_early_stop"])
+        groups.setdefault(key, []).append(c)
+    assert any(c["finish_reason"] == "stop" for c in cases) and any(c["eos_early_stop"] for c in cases)
+    for (ck, bl, steps, thr, gen, eos, early), cs in groups.items():
+        model = models.setdefault(ck, load_model(FIXTURES / ck))
+        cfg = DecodeConfig(gen_length=gen, block_length=bl, steps_per_block=steps, rule="quota_threshold",
+                           threshold=thr, cache=cache, eos_early_stop=early, stop_token_ids=(eos,))
+        want = [(c["tokens"], c["nfe"], c["finish_reason"]) for c in cs]
+        for mbs in (1, len(cs)):  # alone, and all of the group's prompts in one mixed batch
+            out = generate(model, [c["prompt"] for c in cs], cfg, max_batch_size=mbs)
+            assert list(zip(out.tokens, out.nfe, out.finish_reasons)) == want, (ck, bl, steps, thr, early, mbs)
