@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 CACHE_MODES = ("none", "prefix", "dual", "dllm")
-RULES = ("quota", "threshold", "factor", "frechet")
+RULES = ("quota", "threshold", "factor", "frechet", "quota_threshold")
 REMASKING = ("low_confidence", "random")
 
 
@@ -25,13 +25,14 @@ class DecodeConfig:
     steps: int = 256  # total steps for the quota rule; steps / num_blocks per block
     steps_per_block: int | None = None  # the quota rule's steps per block; None: steps // num_blocks
     cache: str = "dual"  # a name in fastdllm.policies.CACHE_POLICIES: none | prefix | dual | dllm
-    rule: str = "threshold"  # quota | threshold | factor | frechet
+    rule: str = "threshold"  # quota | threshold | factor | frechet | quota_threshold (LLaDA2's own)
     threshold: float = 0.9
     factor: float = 1.0
     frechet_margin: float = 0.25
     temperature: float = 0.0
     remasking: str = "low_confidence"  # or "random"
     stop_at_eos: bool = True
+    eos_early_stop: bool = False  # end a row mid-block once a committed stop token has no mask before it
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's stop ids
     seed: int = 0
     # dLLM-Cache (cache="dllm"): refresh intervals in steps for the prompt (K_p) and the response (K_r), and the
@@ -44,6 +45,8 @@ class DecodeConfig:
         def bad(msg):
             raise ValueError(msg)
 
+        if not isinstance(self.eos_early_stop, bool):
+            bad(f"eos_early_stop must be true or false, got {self.eos_early_stop!r}")
         for name in ("gen_length", "block_length", "steps", "seed", "prompt_interval", "response_interval"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -63,9 +66,9 @@ class DecodeConfig:
             bad(f"remasking {self.remasking!r} is not one of: {', '.join(REMASKING)}")
         if self.steps < 1:
             bad(f"steps must be at least 1, got {self.steps}")
-        if self.rule == "quota" and spb is None and self.steps % self.num_blocks:
+        if self.rule in ("quota", "quota_threshold") and spb is None and self.steps % self.num_blocks:
             bad(f"steps ({self.steps}) must be a multiple of the number of blocks "
-                f"({self.num_blocks} = gen_length / block_length) for rule 'quota'")
+                f"({self.num_blocks} = gen_length / block_length) for rule {self.rule!r}")
         if not 0.0 < self.threshold <= 1.0:
             bad(f"threshold must be in (0, 1], got {self.threshold}")
         if not (self.factor > 0 and math.isfinite(self.factor)):

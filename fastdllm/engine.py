@@ -31,6 +31,7 @@ from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 
+from . import block_causal
 from .config import DecodeConfig
 from .models.common import DiffusionLM
 from .policies import CACHE_POLICIES
@@ -119,6 +120,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_blocks = max_blocks  # benchmarks: decode only the first blocks of each request
         mc = model.config
+        self.block_causal = block_causal.is_block_causal(mc)
+        block_causal.check_cache(mc, self.cfg.cache)
         self.mask_id = mc.mask_token_id
         self.pad_id = mc.pad_token_id if mc.pad_token_id is not None else mc.mask_token_id
         cfg = self.cfg
@@ -190,7 +193,7 @@ class Engine:
         if cfg.cache == "dllm" and g != cfg.gen_length:
             raise ValueError(f"cache 'dllm' decodes every request with the engine's gen_length ({cfg.gen_length}); "
                              f"got {g}: use another cache mode for per-request lengths")
-        if len(p) + g > mc.max_seq_len:
+        if self._layout(len(p), g)[0] > mc.max_seq_len:
             raise ValueError(f"the prompt has {len(p)} tokens; with gen_length {g} it exceeds the model's "
                              f"{mc.max_seq_len} positions: shorten it or lower gen_length")
         temperature = _number("temperature", cfg.temperature if q.temperature is None else q.temperature,
@@ -237,12 +240,19 @@ class Engine:
             self._llg_tok = llg_tokenizer(self.tokenizer.hf, self.model.config.vocab_size, list(self.default_stop))
         return RowConstraint(spec, self._llg_tok, stop_ids, self.mask_id)
 
+    def _layout(self, prompt_len: int, gen_length: int) -> tuple[int, int, int]:
+        """(canvas, decoded region, prompt tokens in it) of a row; block-causal rows keep whole blocks from 0."""
+        if self.block_causal:
+            return block_causal.layout(prompt_len, gen_length, self.cfg.block_length)
+        return prompt_len + gen_length, gen_length, 0
+
     # -- buffers -----------------------------------------------------------------------------------------------
 
     def _allocate(self, seq_len: int) -> None:
         cfg, model = self.cfg, self.model
         self.rows = Rows(self.max_batch_size, seq_len, cfg.block_length, self.mask_id, self.pad_id, model.device)
-        self.policy = CACHE_POLICIES[cfg.cache](model, cfg, self.max_batch_size, seq_len)
+        policies = block_causal.POLICIES if self.block_causal else CACHE_POLICIES
+        self.policy = policies[cfg.cache](model, cfg, self.max_batch_size, seq_len)
 
     def _grow(self, seq_len: int) -> None:
         seq_len = min(self.model.config.max_seq_len, -(-seq_len // GROW_COLUMNS) * GROW_COLUMNS)
@@ -258,11 +268,11 @@ class Engine:
             if not self.waiting:
                 return
             first = list(self.waiting)[: self.max_batch_size]
-            self._allocate(max(len(r.prompt) + r.gen_length for r in first))
+            self._allocate(max(self._layout(len(r.prompt), r.gen_length)[0] for r in first))
             rows = self.rows
         free = len(holes) + rows.slots - rows.n
         joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-        need = max((len(r.prompt) + r.gen_length for r in joining), default=0)
+        need = max((self._layout(len(r.prompt), r.gen_length)[0] for r in joining), default=0)
         if need > rows.T:
             self._grow(need)
         dev = self.model.device
@@ -270,10 +280,11 @@ class Engine:
         states = []
         for r in joining:  # a row's generator starts when it joins: seeded by (seed, row id) only
             gen = torch.Generator(device=dev).manual_seed(row_seed(r.seed, r.row_id)) if r.sampling else None
-            n_blocks = r.gen_length // bl
+            canvas, region, lead = self._layout(len(r.prompt), r.gen_length)
+            n_blocks = region // bl
             if self.max_blocks is not None:
                 n_blocks = max(1, min(self.max_blocks, n_blocks))
-            states.append((r.prompt, Live(r, len(r.prompt) + r.gen_length, r.gen_length, n_blocks, gen)))
+            states.append((r.prompt, Live(r, canvas, r.gen_length, n_blocks, gen, region=region, lead=lead)))
         joined = rows.add(states, holes)
         if holes:
             src, dst = rows.drop(holes)
@@ -317,6 +328,7 @@ class Engine:
             quota=[self.schedule[min(r.step, len(self.schedule) - 1)] for r in live])
         gens = [r.generator for r in live] if any(r.request.sampling for r in live) else None
         structured = self._structured_step(sel) if any(r.request.structured for r in live) else None
+        old = block
         block = propose_commit(step.logits, block, sel, self.mask_id, self.cfg.rule, self.cfg.remasking, settings,
                                gens, structured=structured, tally=self.stats)
         rows.x[: rows.n].scatter_(1, idx, block)
@@ -326,7 +338,7 @@ class Engine:
         s["row_forwards"] += sum(step.batches)
         s["forward_flops"] += step.flops
         s["rows_in_flight"] += rows.n
-        return self._update(block)
+        return self._update(block, old)
 
     def _structured_step(self, sel: torch.Tensor):
         """The constrained rows of this step (their frontier: the first masked block position; they commit in
@@ -338,7 +350,7 @@ class Engine:
         return StructuredStep([i for i, _ in live], [r.request.structured for _, r in live],
                               [bl - r.left for _, r in live], [r.left for _, r in live], bl, sel.shape[1] == bl)
 
-    def _update(self, block: torch.Tensor) -> list[Finished]:
+    def _update(self, block: torch.Tensor, old: torch.Tensor) -> list[Finished]:
         """After the commit: one host sync (masks left per row, stop tokens committed), then advance each row;
         rows that are done leave (their slots are taken at the next step)."""
         rows = self.rows
@@ -346,14 +358,29 @@ class Engine:
         n = rows.n
         left = (block == self.mask_id).sum(-1)  # (n,)
         stop_sets = [r.request.stop_ids for r in live]
+        early_host = [0] * n
         if any(stop_sets):
+            leads = [r.lead if r.block == 0 else 0 for r in live]  # prompt tokens in the block are not output
+            seen = block
+            if any(leads):
+                lead_t = torch.tensor(leads, device=block.device)
+                seen = block.masked_fill(self.offsets[None, :] < lead_t[:, None], -1)
             if all(st == stop_sets[0] for st in stop_sets):
-                hit = torch.isin(block, torch.tensor(stop_sets[0], device=block.device)).any(-1)
+                hit = torch.isin(seen, torch.tensor(stop_sets[0], device=block.device)).any(-1)
             else:
                 width = max(len(st) for st in stop_sets)
                 table = torch.tensor([list(st) + [-1] * (width - len(st)) for st in stop_sets], device=block.device)
-                hit = (block[:, :, None] == table[:, None, :]).any(-1).any(-1)
-            left_host, hit_host = torch.stack((left, hit.long())).tolist()
+                hit = (seen[:, :, None] == table[:, None, :]).any(-1).any(-1)
+            parts = [left, hit.long()]
+            if self.cfg.eos_early_stop:
+                width = max(len(st) for st in stop_sets)
+                table = torch.tensor([list(st) + [-1] * (width - len(st)) for st in stop_sets], device=block.device)
+                parts.append(block_causal.early_stop(old, block, torch.tensor(leads, device=block.device), table,
+                                                     self.mask_id).long())
+            synced = torch.stack(parts).tolist()
+            left_host, hit_host = synced[0], synced[1]
+            if self.cfg.eos_early_stop:
+                early_host = synced[2]
         else:
             left_host, hit_host = left.tolist(), [0] * n
         with_strings = [i for i in range(n) if live[i].request.stop]
@@ -369,7 +396,7 @@ class Engine:
                 if finished is not None:
                     done.append((i, finished))
                     continue
-            if r.left:
+            if r.left and not early_host[i]:
                 continue
             if r.stopped or r.block + 1 == r.n_blocks:
                 done.append((i, None))
@@ -381,12 +408,13 @@ class Engine:
         need = [i for i, f in done if f is None]
         if need:
             T, bl = rows.T, self.cfg.block_length
-            first = T - max(live[i].gen_length for i in need)
+            first = min(rows.gen_start(i) for i in need)
             got = rows.x[torch.tensor(need, device=rows.device), first:].tolist()  # (rows, T - first)
             tokens = {}
             for i, toks in zip(need, got):
-                g0 = T - live[i].gen_length - first
-                tokens[i] = toks[g0 : g0 + live[i].n_blocks * bl]
+                r = live[i]
+                g0 = rows.gen_start(i) - first + r.lead  # block-causal rows: past the prompt's tail
+                tokens[i] = toks[g0 : g0 + min(r.gen_length, r.n_blocks * bl - r.lead)]
         for i, finished in done:
             if finished is None:
                 finished = self._finish(live[i], tokens[i])
@@ -411,6 +439,8 @@ class Engine:
         """For a row with stop strings: the text of its tokens known final (its completed blocks and the committed
         run at the start of its block, up to a stop token); a stop string in it ends the row there."""
         q = r.request
+        if r.block == 0 and r.lead:
+            block = block[r.lead:]  # the prompt's tail (block-causal rows)
         run = []
         for t in block:
             if t == self.mask_id:
@@ -428,6 +458,7 @@ class Engine:
         if at < 0:
             if not r.left:  # the block is complete: its tokens are final
                 q.done_tokens.extend(block)
+                del q.done_tokens[r.gen_length:]  # block-causal rows: the last block's tokens past gen_length
             return None
         keep = 0  # the tokens whose text lies wholly before the stop string
         while keep < len(toks) and len(self.tokenizer.decode(toks[: keep + 1])) <= at:

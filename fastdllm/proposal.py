@@ -238,7 +238,7 @@ def propose_commit(logits: torch.Tensor, block: torch.Tensor, select_idx: torch.
     if structured is not None:
         candidates = structured.candidates(x0, candidates)
     params = {name: _values(getattr(settings, name), dev) for name in ("threshold", "factor", "frechet_margin")}
-    quota = torch.tensor(settings.quota, device=dev) if rule == "quota" else 1
+    quota = torch.tensor(settings.quota, device=dev) if rule in ("quota", "quota_threshold") else 1
     n_exact = 0
     if rel is not None:
         redo = (~decided(conf, rel, candidates, rule, quota=quota, **params)).nonzero().squeeze(1).tolist()

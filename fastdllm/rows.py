@@ -46,6 +46,8 @@ class Live:
     left: int = 0  # masked positions left in that block
     nfe: int = 0  # forwards it took part in
     stopped: bool = False  # a stop token was committed in its generated region
+    region: int = 0  # columns it decodes, ending at T (0: gen_length; block-causal rows start at a block boundary)
+    lead: int = 0  # prompt tokens at the start of that region (block-causal rows: the prompt's tail)
 
 
 class Rows:
@@ -72,7 +74,8 @@ class Rows:
 
     def gen_start(self, i: int) -> int:
         """The first generated column of row i."""
-        return self.T - self.live[i].gen_length
+        live = self.live[i]
+        return self.T - (live.region or live.gen_length)
 
     def block_start(self, i: int) -> int:
         return self.gen_start(i) + self.live[i].block * self.bl

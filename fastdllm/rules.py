@@ -36,6 +36,12 @@ def commit_counts(sorted_conf: torch.Tensor, n_cand: torch.Tensor, rule: str, *,
     valid = n[None, :] <= n_cand[:, None]  # (B, L)
     if rule == "quota":
         count = torch.as_tensor(quota, dtype=n_cand.dtype, device=n_cand.device).expand_as(n_cand)
+    elif rule == "quota_threshold":
+        # LLaDA2: every candidate strictly above the threshold when there are at least the step's quota of them,
+        # else the quota's most confident
+        above = ((sorted_conf > threshold) & valid).sum(-1)
+        q = torch.as_tensor(quota, dtype=n_cand.dtype, device=n_cand.device).expand_as(n_cand)
+        count = torch.where(above >= q, above, q)
     elif rule == "threshold":
         count = ((sorted_conf >= threshold) & valid).sum(-1)
     elif rule == "factor":

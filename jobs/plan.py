@@ -224,6 +224,9 @@ def check_model_source(m: Manifest) -> None:
         info = inspect(src, m.model.revision, config_only=True)
         cfg = info.require_config()
         info.require_tokenizer()
+        from fastdllm.block_causal import check_cache
+
+        check_cache(cfg, m.decode.config.cache)
     except (ValueError, OSError) as e:
         raise InvalidJob(f"model.source: {e}") from None
     if m.model.chat_template is True and info.chat_template is False:

@@ -11,7 +11,7 @@ import torch
 
 from fastdllm import proposal
 from fastdllm.proposal import RowSettings, propose_commit
-from fastdllm.rules import RULES, select
+from fastdllm.rules import RULES, commit_mask as select
 
 MASK = 5
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import dream, llada
+from . import dream, llada, llada2
 from .common import DiffusionLM, KVCache, ModelConfig
 
-FAMILIES = {llada.MODEL_TYPE: llada, dream.MODEL_TYPE: dream}
+FAMILIES = {llada.MODEL_TYPE: llada, dream.MODEL_TYPE: dream, llada2.MODEL_TYPE: llada2}
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "tiny"
 BUILTIN = {"tiny": BUILTIN_DIR}
 # Special tokens that end a turn in the released tokenizers (LLaDA-8B-Instruct: <|eot_id|>, <|endoftext|>;
@@ -248,6 +248,8 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 def _ours(family, name: str) -> str | None:
+    if hasattr(family, "ours"):  # a family with its own name map (llada2: experts)
+        return family.ours(name)
     if name in family.TOP_NAMES:
         return family.TOP_NAMES[name]
     if name.startswith(family.BLOCK_PREFIX):
@@ -269,7 +271,12 @@ def _theirs(family, name: str) -> str:
 def from_config(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0, std: float = 0.02) -> DiffusionLM:
     """A randomly initialised model (tiny checkpoints, benchmarks)."""
     g = torch.Generator().manual_seed(seed)
-    return DiffusionLM(cfg).init_weights(std, g).to(device=device, dtype=dtype).eval()
+    return _build(cfg).init_weights(std, g).to(device=device, dtype=dtype).eval()
+
+
+def _build(cfg: ModelConfig) -> DiffusionLM:
+    family = FAMILIES.get(cfg.hf_config.get("model_type", cfg.family), FAMILIES.get(cfg.family))
+    return family.build(cfg) if family is not None and hasattr(family, "build") else DiffusionLM(cfg)
 
 
 def load_model(source, device="cpu", dtype=None, revision: str | None = None) -> DiffusionLM:
@@ -282,7 +289,7 @@ def load_model(source, device="cpu", dtype=None, revision: str | None = None) ->
     dt = torch_dtype(dtype, device)
     family = FAMILIES[cfg.hf_config["model_type"]]
     with torch.device("meta"):
-        model = DiffusionLM(cfg)
+        model = _build(cfg)
     state: dict[str, torch.Tensor] = {}
     for f in _checkpoint_files(path):
         with safe_open(str(f), framework="pt", device="cpu") as sf:
@@ -293,6 +300,8 @@ def load_model(source, device="cpu", dtype=None, revision: str | None = None) ->
                         continue
                     raise ValueError(f"{f}: unexpected tensor {name!r} for a {family.MODEL_TYPE} checkpoint")
                 state[ours] = sf.get_tensor(name).to(device=device, dtype=dt)
+    if hasattr(family, "stack"):
+        state = family.stack(state, cfg)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     expected = set(model.state_dict())
@@ -311,7 +320,7 @@ def save_checkpoint(model: DiffusionLM, directory, max_shard_bytes: int | None =
     from safetensors.torch import save_file
 
     cfg = model.config
-    family = FAMILIES[llada.MODEL_TYPE if cfg.family == "llada" else dream.MODEL_TYPE]
+    family = FAMILIES[cfg.family if cfg.family in FAMILIES else dream.MODEL_TYPE]
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     hf = family.to_hf_config(cfg)
@@ -321,10 +330,10 @@ def save_checkpoint(model: DiffusionLM, directory, max_shard_bytes: int | None =
            "pad_token_id": cfg.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tensors = {}
-    for name, t in model.state_dict().items():
-        if cfg.tie_embeddings and name == "lm_head.weight":
-            continue
-        tensors[_theirs(family, name)] = t.detach().contiguous().cpu()
+    own = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    named = family.export(own, cfg) if hasattr(family, "export") else {_theirs(family, k): v for k, v in own.items()}
+    for name, t in named.items():
+        tensors[name] = t.detach().contiguous().cpu()
     if not max_shard_bytes:
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         return out
