@@ -589,7 +589,7 @@ def test_status_does_not_call_a_dead_drivers_lease_running(tmp_path):
     (tmp_path / "out" / "lease.json").write_text(json.dumps({"holder": f"{socket.gethostname()}:{dead.pid}",
                                                              "run_id": "r" * 32, "expires_at": until}))
     r = CliRunner().invoke(main, ["status", str(tmp_path / "out")])
-    assert r.exit_code == 0 and "running" not in r.output and "0/1 shards committed" in r.output, r.output
+    assert r.exit_code == 1 and "running" not in r.output and "0/1 shards committed" in r.output, r.output  # 1: incomplete
     (tmp_path / "out" / "lease.json").write_text(json.dumps({"holder": f"{socket.gethostname()}:{os.getpid()}",
                                                              "run_id": "r" * 32, "expires_at": until}))
     assert "running: lease held by" in CliRunner().invoke(main, ["status", str(tmp_path / "out")]).output
