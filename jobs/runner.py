@@ -308,7 +308,9 @@ def _run_job(m: Manifest, stop: Signals, *, address: str | None, force: bool, pr
             return JobResult(m.output.uri, summary, f"summary.json not written ({type(e).__name__}: {e})",
                              outcome.interrupted)
         try:
-            write_report(out, verify=False)  # the card with this run's figures, report.html, report.png
+            # the card with this run's figures and report.html; report.png only from `fastdllm report` (matplotlib
+            # costs a second or more per run)
+            write_report(out, png=False, verify=False)
         except Exception as e:  # the report must never fail a job whose shards are committed
             log.warning("could not write the job report in %s: %s", m.output.uri, storage_error(e))
         return JobResult(m.output.uri, summary, interrupted=outcome.interrupted, ran=len(pending))

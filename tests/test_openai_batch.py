@@ -284,6 +284,7 @@ def read_lines_bytes(data: bytes) -> list[dict]:
     return [json.loads(x) for x in data.decode().splitlines()]
 
 
+@pytest.mark.slow  # ~30 s; a killed driver's resume is in CI through tests/test_jobs.py
 def test_killed_run_batch_resumes_to_the_same_lines(tmp_path, ray_cluster):
     lines = [chat(f"c{i}", f"{i * 37 % 500}+{i * 11 % 300}=") if i % 2 else text(f"t{i}", f"{i}+{i}=", max_tokens=16)
              for i in range(24)]
@@ -310,6 +311,7 @@ def test_killed_run_batch_resumes_to_the_same_lines(tmp_path, ray_cluster):
     assert timeless(a) == timeless(b)  # every line once, in input order, the same answers (ids are content hashes)
 
 
+@pytest.mark.slow  # ~15 s; S3 jobs are in CI through tests/test_jobs.py::test_s3_job_end_to_end
 def test_run_batch_on_an_s3_compatible_server(tmp_path, ray_cluster):
     import s3fs
     from moto.server import ThreadedMotoServer
