@@ -93,6 +93,7 @@ def test_worker_takes_each_rows_constraint_from_its_column(tmp_path):
     assert all(r["error"] is None for r in rows[:4])
 
 
+@pytest.mark.slow  # ~15 s of run-batch on Ray; the line -> constraint mapping is in CI through tests/test_structured.py
 def test_run_batch_lines_with_constraints(tmp_path):
     """`fastdllm run-batch` on OpenAI batch lines asking for regex, choice, JSON schema and JSON object outputs:
     every finished answer is valid for its line's constraint; a bad constraint is its line's error."""
