@@ -40,8 +40,8 @@ def output_rows(out: Path) -> list[dict]:
     return got
 
 
-@pytest.mark.parametrize("fmt,out_fmt", [("jsonl", "parquet"), ("hf", "parquet"),
-                                         pytest.param("csv", "jsonl", marks=pytest.mark.slow)])  # CSV jobs: test_dataset_output
+@pytest.mark.parametrize("fmt,out_fmt", [("jsonl", "parquet"), ("hf", "parquet"),  # CSV jobs: test_dataset_output
+                                         pytest.param("csv", "jsonl", marks=pytest.mark.slow)])
 def test_format_runs_and_resumes_every_row_once(tmp_path, ray_address, fmt, out_fmt):
     data = rows()
     uri = write(tmp_path / "in" / {"jsonl": "a.jsonl", "csv": "a.csv", "hf": "saved"}[fmt], data, fmt)
