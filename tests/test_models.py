@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,19 +87,26 @@ def test_errors_say_what_to_change(tmp_path):
         fastdllm.load_model("tiny", dtype="fp8")
 
 
-def test_hub_repo_id_resolves_through_the_local_cache(tmp_path, monkeypatch):
-    """A repo id is read from the Hugging Face cache layout (no network): models--owner--name/snapshots/REV/."""
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def offline_snapshot(cache: Path, monkeypatch, name: str) -> Path:
+    """An empty snapshot directory of repo acme/NAME (its refs/main pointing at it) in a Hugging Face cache at
+    `cache`, with HF_HUB_OFFLINE on: what a hub id resolves to without the network."""
     import huggingface_hub.constants as c
 
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    repo = tmp_path / "models--acme--llada-tiny"
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(REFERENCE / "llada" / "llada-tiny", repo / "snapshots" / rev)
+    repo, rev = cache / f"models--acme--{name}", "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / rev).mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(rev)
+    return repo / "snapshots" / rev
+
+
+def test_hub_repo_id_resolves_through_the_local_cache(tmp_path, monkeypatch):
+    """A repo id is read from the Hugging Face cache layout (no network): models--owner--name/snapshots/REV/."""
+    shutil.copytree(REFERENCE / "llada" / "llada-tiny", offline_snapshot(tmp_path, monkeypatch, "llada-tiny"),
+                    dirs_exist_ok=True)
     model = fastdllm.load_model("acme/llada-tiny")
     _same_weights(model, fastdllm.load_model(REFERENCE / "llada" / "llada-tiny"))
     with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
@@ -138,20 +146,9 @@ def test_a_tokenizer_only_directory_has_no_config(tmp_path):
 
 def test_a_cached_config_alone_serves_planning_not_loading(tmp_path, monkeypatch):
     """Planning fetches a repo's config.json alone; loading then needs the weights, not that partial snapshot."""
-    import huggingface_hub.constants as c
-
     from fastdllm.models import inspect
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    repo = tmp_path / "models--acme--part"
-    rev = "89abcdef0123456789abcdef0123456789abcdef"
-    (repo / "snapshots" / rev).mkdir(parents=True)
-    shutil.copy(REFERENCE / "llada" / "llada-tiny" / "config.json", repo / "snapshots" / rev)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
+    shutil.copy(REFERENCE / "llada" / "llada-tiny" / "config.json", offline_snapshot(tmp_path, monkeypatch, "part"))
     info = inspect("acme/part", config_only=True)
     assert info.kind == "hub" and info.family == "llada" and info.tokenizer is None and info.chat_template is None
     with pytest.raises(ValueError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
