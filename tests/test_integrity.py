@@ -27,6 +27,7 @@ from fastdllm.jobs.cli import main
 from fastdllm.workers import JobOutput, Lease, LeaseHeld, Shard, ShardDataError, ShardRecord, ShardStats
 from fastdllm.workers.output import Superseded
 from .conftest import own_local_ray
+from .test_cluster import start_driver  # the job driver as a process of its own
 from fastdllm.workers import inputs
 
 
@@ -338,15 +339,6 @@ def test_overlap_of_object_store_prefixes_is_refused(tmp_path):
 
 # -- signals at every moment of a run ---------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _driver(manifest: Path, *args) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen([sys.executable, "-m", "fastdllm.jobs.cli", "run", str(manifest), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
 def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -370,7 +362,7 @@ def test_a_signal_while_the_driver_waits_on_a_long_shard_stops_cleanly(tmp_path,
     raised surfaced as SystemError (exit 1, a traceback, no summary)."""
     m = tmp_path / "job.yaml"
     m.write_text(yaml.safe_dump(_job(tmp_path, rows=6, faults={"hang": {1: 9}})))
-    proc = _driver(m, "--address", ray_cluster)
+    proc = start_driver(m, "--address", ray_cluster)
     _wait_for(proc, tmp_path / "out" / "stats" / "00000.json")
     time.sleep(1.5)  # shard 1 hangs: the driver is inside ray.wait
     os.kill(proc.pid, sig)
@@ -383,7 +375,7 @@ def test_a_signal_while_ray_starts_stops_cleanly(tmp_path, sig):
     """The lease is taken, then a local Ray starts (seconds): ray.init's own SIGTERM handler exited with 15."""
     m = tmp_path / "job.yaml"
     m.write_text(yaml.safe_dump(_job(tmp_path, rows=6)))
-    proc = _driver(m, "--no-dashboard")
+    proc = start_driver(m, "--no-dashboard")
     _wait_for(proc, tmp_path / "out" / "lease.json")
     os.kill(proc.pid, sig)
     _assert_clean_stop(proc, sig, tmp_path / "out")
