@@ -38,7 +38,28 @@ fi
 stamp="$venv/.fastdllm-installed"
 want="$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing fastdllm and its dependencies into $venv"
-  "${pip[@]}" install -e "$root[test,plot]"
+  # uv resolves and installs the ~150 dependencies in seconds where pip 23's resolver spends minutes filtering
+  # the version lists of packages with thousands of releases (boto3, botocore). uv comes from PyPI as one wheel;
+  # torch is already in the venv (above), so uv keeps it and never fetches a CUDA build. FASTDLLM_NO_UV=1, or no
+  # uv to be had, installs with plain pip instead.
+  uv=""
+  if [ "${FASTDLLM_NO_UV:-0}" != "1" ]; then
+    if command -v uv >/dev/null 2>&1; then
+      uv=$(command -v uv)
+    elif [ -x "$venv/bin/uv" ] || "${pip[@]}" install uv >/dev/null 2>&1; then
+      uv="$venv/bin/uv"
+    fi
+  fi
+  if [ -n "$uv" ]; then
+    echo "[setup] installing fastdllm and its dependencies into $venv (uv)"
+    links=()
+    for d in $("$venv/bin/python" -m pip config get global.find-links 2>/dev/null) ${PIP_FIND_LINKS:-}; do
+      [ -d "$d" ] && links+=(--find-links "$d")
+    done
+    "$uv" pip install -q --python "$venv/bin/python" "${links[@]}" -e "$root[test,plot]"
+  else
+    echo "[setup] installing fastdllm and its dependencies into $venv (pip)"
+    "${pip[@]}" install -e "$root[test,plot]"
+  fi
   echo "$want" > "$stamp"
 fi
