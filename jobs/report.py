@@ -64,8 +64,8 @@ def card(job: dict, out: JobOutput, summary: JobSummary | None) -> str:
               "# or: pandas.read_json(path, lines=True, dtype=False) for each shards/*.jsonl",
               "```", "",
               f"Columns: `{id_name(job)}` (the row ids), `sample_index`, `prompt`, `completion`, `completion_ids`, "
-              "`n_tokens`, `nfe`, `finish_reason`, `error`, then the kept input columns exactly as they were. The job's own files "
-              "(job.json, stats/, summary.json, logs/) sit beside the data; loaders ignore them. "
+              "`n_tokens`, `nfe`, `finish_reason`, `error`, then the kept input columns exactly as they were. The "
+              "job's own files (job.json, stats/, summary.json, logs/) sit beside the data; loaders ignore them. "
               f"See {REPORT_HTML} for the job report.", ""]
     return "\n".join(lines)
 
