@@ -177,6 +177,9 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     uri: str = Field(description="Directory (fsspec URI) for job.json, shards/, stats/, summary.json.")
     format: Literal[OUTPUT_FORMATS] = Field("parquet", description="Shard files: parquet or jsonl.")
+    id_name: str | None = Field(None, min_length=1, description=(
+        "The output column holding each row's id. Default: input.id_column's own name when one is set, else `id` "
+        "(derived `<file>:<row>` ids). It must not be a generated column's name or a kept column's."))
     lease_s: float = Field(60, gt=0, le=86400, allow_inf_nan=False, description=(
         "Seconds the running driver's lease on the output lasts unless renewed (it renews every lease_s / 4). "
         "Another run is refused while it holds; a driver killed on another host blocks new runs this long."))
@@ -232,6 +235,11 @@ class Manifest(_Strict):
                                                            "structured_outputs.")
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     faults: FaultSpec = Field(default_factory=FaultSpec, description="Testing only: injected worker failures.")
+
+    @property
+    def id_name(self) -> str:
+        """The output column of the rows' ids (output.id_name, else the input's id column's name, else `id`)."""
+        return self.output.id_name or self.input.id_column or "id"
 
     @model_validator(mode="after")
     def _templating(self):

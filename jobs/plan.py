@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from fastdllm.workers import InputSource, Shard
 from fastdllm.workers.inputs import InputError, Inspected, inspect_hf, inspect_parquet, inspect_text, list_files
 from fastdllm.workers.inputs import resolve_input
-from fastdllm.workers.shard import OUTPUT_COLUMNS
+from fastdllm.workers.shard import GENERATED_COLUMNS
 
 from .manifest import InvalidJob, Manifest
 
@@ -88,16 +88,28 @@ def check_columns(info: Inspected, m: Manifest) -> None:
 
 def resolve_keep(m: Manifest, schema: pa.Schema) -> list[str]:
     """The kept columns (`all`: every input column), less those already in the output under their own name
-    with the same values (an id column named `id`, a prompt column named `prompt`); any other name an output
-    column has is a clash (InvalidJob)."""
-    inp = m.input
+    with the same values (the id column when the ids keep its name, a prompt column named `prompt`). The ids'
+    column (m.id_name) must be free: no generated column and no other kept column has its name; any other name
+    a generated column has is a clash too (InvalidJob)."""
+    inp, name = m.input, m.id_name
+    if name in GENERATED_COLUMNS:
+        what = (f"output.id_name {name!r}" if m.output.id_name else
+                f"input.id_column {name!r} (the ids keep its name unless output.id_name is set)")
+        raise InvalidJob(f"{what} is the name of a generated output column ({', '.join(GENERATED_COLUMNS)}); set "
+                         "output.id_name to another name")
     wanted = list(schema.names) if inp.keep_columns == "all" else list(inp.keep_columns)
-    same = {c for c, out in ((inp.id_column, "id"), (inp.prompt_column, "prompt")) if c == out}
+    same = {c for c, out in ((inp.id_column, name), (inp.prompt_column, "prompt")) if c == out}
     keep = [c for c in dict.fromkeys(wanted) if c not in same]
-    clash = [c for c in keep if c in OUTPUT_COLUMNS]
+    if name in keep:
+        ids = "the ids" if inp.id_column else "the derived ids (<file>:<row>)"
+        fix = "" if inp.id_column or name != "id" else ", set input.id_column: id to use that column as the ids,"
+        raise InvalidJob(f"input.keep_columns keeps a column {name!r}, but {ids} go into the output column of that "
+                         f"name; set output.id_name to another name{fix} or leave {name!r} out of keep_columns")
+    clash = [c for c in keep if c in GENERATED_COLUMNS]
     if clash:
         raise InvalidJob(f"input.keep_columns: {', '.join(map(repr, clash))} would clash with output column(s) of "
-                         f"that name ({', '.join(OUTPUT_COLUMNS)}); rename the input column or leave it out")
+                         f"that name ({', '.join((name,) + GENERATED_COLUMNS)}); rename the input column or leave "
+                         "it out")
     return keep
 
 
@@ -163,6 +175,9 @@ def check_batch_input(m: Manifest, inspected: list[Inspected]) -> None:
     if inp.id_column or inp.keep_columns or inp.messages_column or inp.prompt_column != "prompt":
         raise InvalidJob("input.id_column, prompt_column, messages_column and keep_columns do not apply to an OpenAI "
                          "batch file (each line's custom_id is its id and its body the request); remove them")
+    if m.output.id_name:
+        raise InvalidJob("output.id_name does not apply to OpenAI batch answers (each answer line keeps its request's "
+                         "custom_id); remove it")
     dup = duplicate_ids([(i.relpath, i.ids) for i in inspected])
     if dup:
         raise InvalidJob(dup)

@@ -32,6 +32,11 @@ def num_samples(job: dict) -> int:
     return int(job.get("manifest", {}).get("decode", {}).get("num_samples", 1))
 
 
+def id_name(job: dict) -> str:
+    """The output column of the row ids (identity.output.id_name; jobs written before it existed used `id`)."""
+    return job.get("identity", {}).get("output", {}).get("id_name") or "id"
+
+
 def card(job: dict, out: JobOutput, summary: JobSummary | None) -> str:
     """The dataset card: YAML front matter that dataset loaders read, then the job in a few lines."""
     m = job.get("manifest", {})
@@ -58,9 +63,9 @@ def card(job: dict, out: JobOutput, summary: JobSummary | None) -> str:
               "# or: pandas.read_parquet(OUTPUT_URI + \"/shards\")" if fmt == "parquet" else
               "# or: pandas.read_json(path, lines=True, dtype=False) for each shards/*.jsonl",
               "```", "",
-              "Columns: `id`, `sample_index`, `prompt`, `completion`, `completion_ids`, `n_tokens`, `nfe`, "
-              "`finish_reason`, `error`, then the kept input columns exactly as they were. The job's own files "
-              "(job.json, stats/, summary.json, logs/) sit beside the data; loaders ignore them. "
+              f"Columns: `{id_name(job)}` (the row ids), `sample_index`, `prompt`, `completion`, `completion_ids`, "
+              "`n_tokens`, `nfe`, `finish_reason`, `error`, then the kept input columns exactly as they were. The "
+              "job's own files (job.json, stats/, summary.json, logs/) sit beside the data; loaders ignore them. "
               f"See {REPORT_HTML} for the job report.", ""]
     return "\n".join(lines)
 

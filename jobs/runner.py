@@ -68,7 +68,7 @@ def worker_settings(m: Manifest, plan: Plan, run_id: str | None = None) -> Worke
         chat_template=m.model.chat_template, system_prompt=m.model.system_prompt,
         trust_remote_code=m.model.trust_remote_code, decode=m.decode.config, num_samples=m.decode.num_samples,
         structured=m.decode.structured_outputs, structured_column=m.decode.structured_column,
-        output_uri=m.output.uri, output_format=m.output.format, source=plan.source,
+        output_uri=m.output.uri, output_format=m.output.format, id_name=m.id_name, source=plan.source,
         prompt_column=m.input.prompt_column, messages_column=m.input.messages_column, id_column=m.input.id_column,
         keep_columns=tuple(plan.keep_columns), column_types=dict(m.input.column_types),
         storage_options=m.storage_options, batch_size=m.workers.batch_size,
@@ -78,7 +78,7 @@ def worker_settings(m: Manifest, plan: Plan, run_id: str | None = None) -> Worke
 def _identity(m: Manifest) -> dict:
     """What decides the output's content: a rerun must match it to reuse committed shards."""
     return {"model": m.model.model_dump(include={"source", "revision", "dtype", "chat_template", "system_prompt"}),
-            "decode": m.decode.model_dump(), "output": {"format": m.output.format}}
+            "decode": m.decode.model_dump(), "output": {"format": m.output.format, "id_name": m.id_name}}
 
 
 def input_changes(old_job: dict, m: Manifest, plan: Plan) -> str:
@@ -174,6 +174,8 @@ def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None
             changes.append(f"the input changed ({input_changes(old, m, plan)})")
         for part in ("model", "decode", "output"):
             a, b = old.get("identity", {}).get(part, {}), ident[part]
+            if part == "output":  # written before output.id_name existed: the ids were in `id`
+                a = {"id_name": "id", **a}
             diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             if diffs:
                 changes.append(f"{part} config changed ({', '.join(diffs)})")

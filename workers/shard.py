@@ -35,7 +35,7 @@ from .stats import ShardStats
 log = logging.getLogger("fastdllm.workers")
 
 OUTPUT_FORMATS = ("parquet", "jsonl", "openai")  # openai: OpenAI Batch API answer lines (workers/openai_batch.py)
-OUTPUT_SCHEMA_TAIL = [  # the output columns after `id` (whose type follows the input's id column)
+OUTPUT_SCHEMA_TAIL = [  # the output columns after the id column (WorkerSettings.output_id; its type is the input's)
     pa.field("sample_index", pa.int32()),  # 0 .. decode.num_samples - 1
     pa.field("prompt", pa.string()),  # the text the model got (after the chat template, when one applies)
     pa.field("completion", pa.string()),
@@ -45,7 +45,7 @@ OUTPUT_SCHEMA_TAIL = [  # the output columns after `id` (whose type follows the 
     pa.field("finish_reason", pa.string()),  # stop | length | error
     pa.field("error", pa.string()),  # null, or why the row was not decoded
 ]
-OUTPUT_COLUMNS = ("id", *(f.name for f in OUTPUT_SCHEMA_TAIL))  # kept input columns come after these
+GENERATED_COLUMNS = tuple(f.name for f in OUTPUT_SCHEMA_TAIL)  # after the id column; the kept input columns follow
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ class WorkerSettings:
     prompt_column: str | None = "prompt"
     messages_column: str | None = None  # instead of prompt_column: a list of {role, content} per row
     id_column: str | None = None
+    id_name: str | None = None  # output.id_name: the output column of the ids (None: see output_id)
     keep_columns: tuple[str, ...] = ()  # input columns copied to the output
     column_types: dict[str, str] = field(default_factory=dict)  # input.column_types: {column: Arrow type name}
     num_samples: int = 1
@@ -108,6 +109,11 @@ class WorkerSettings:
     crash: dict[int, int] = field(default_factory=dict)
     error: dict[int, int] = field(default_factory=dict)
     hang: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def output_id(self) -> str:
+        """The output column holding the rows' ids: id_name, else the id column's own name, else `id`."""
+        return self.id_name or self.id_column or "id"
 
     @property
     def input_columns(self) -> list[str]:
@@ -407,7 +413,7 @@ class ShardWorker:
         ns = self.s.num_samples
         rows = [i for i in range(table.num_rows) for _ in range(ns)]  # the input row of each output row
         id_meta = table.schema.field(self.s.id_column).metadata if self.s.id_column else None  # JSON text ids
-        schema = pa.schema([pa.field("id", id_type, metadata=id_meta)] + OUTPUT_SCHEMA_TAIL)
+        schema = pa.schema([pa.field(self.s.output_id, id_type, metadata=id_meta)] + OUTPUT_SCHEMA_TAIL)
         out_table = pa.table([[ids[i] for i in rows], [k for _ in range(table.num_rows) for k in range(ns)],
                               [texts[i] for i in rows],
                               [self.tok.decode(t) if t is not None else None for t in completion_ids],
