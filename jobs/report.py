@@ -12,7 +12,9 @@ The figures, with the same names everywhere (log, status, summary.json, report, 
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import logging
 from datetime import datetime
 
@@ -37,11 +39,22 @@ def id_name(job: dict) -> str:
     return job.get("identity", {}).get("output", {}).get("id_name") or "id"
 
 
+def config_name(job: dict, summary: JobSummary | None) -> str:
+    """The card's one dataset config, named after what the data files hold: the plan's fingerprint, the job's
+    identity and the last run. `datasets` keys its cache on the directory's base name and the config's name only
+    (never the files), so two outputs both called `out`, or one output re-run with --force or completed after a
+    load mid-run, would otherwise load the first one's cached rows."""
+    key = [job.get("plan", {}).get("fingerprint"), job.get("identity"),
+           None if summary is None else [summary.finished_at, summary.committed]]
+    return "shards-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def card(job: dict, out: JobOutput, summary: JobSummary | None) -> str:
     """The dataset card: YAML front matter that dataset loaders read, then the job in a few lines."""
     m = job.get("manifest", {})
     fmt = m.get("output", {}).get("format", out.ext)
-    front = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": out.data_glob()}]}],
+    front = {"configs": [{"config_name": config_name(job, summary), "default": True,
+                          "data_files": [{"split": "train", "path": out.data_glob()}]}],
              "tags": ["fastdllm", "synthetic"]}
     ns = num_samples(job)
     prompts = job.get("plan", {}).get("rows", 0)

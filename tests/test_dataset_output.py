@@ -243,3 +243,37 @@ def test_encode_batch_refuses_one_string():
     with pytest.raises(ValueError, match="not one string"):
         tok.encode_batch("1234+5678=")
     assert tok.encode_batch(["1234+5678="]) == [tok.encode("1234+5678=")]
+
+
+def _output_with(root, fingerprint: str, values: list[str], summary=None) -> None:
+    """An output directory as a job leaves it for loaders: a shard data file, job.json's keys, the card."""
+    import pyarrow as pa
+
+    from fastdllm.jobs.report import write_card
+    from fastdllm.workers import JobOutput
+
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [f"{i:03d}" for i in range(len(values))], "completion": values}),
+                   root / "shards" / "00000.parquet")
+    job = {"name": "n", "plan": {"fingerprint": fingerprint, "rows": len(values)}, "identity": {"decode": {}}}
+    write_card(JobOutput(str(root), {}), job, summary)
+
+
+def test_two_outputs_of_one_name_and_a_rerun_load_their_own_rows(tmp_path):
+    """`datasets` caches a card's config under the directory's base name and the config's name: the card names
+    its config after the data (plan, identity, last run), so another output called `out`, or the same output after
+    another run, never loads rows cached from the first."""
+    import datasets
+
+    from fastdllm.workers import JobSummary, RunStats, ShardStats
+
+    cache = str(tmp_path / "hf-cache")  # one cache for every load, as a user's ~/.cache is
+    a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    _output_with(a, "fp-a", ["first", "first"])
+    _output_with(b, "fp-b", ["second"])
+    load = lambda p: [r["completion"] for r in datasets.load_dataset(str(p), split="train", cache_dir=cache)]  # noqa: E731
+    assert load(a) == ["first", "first"] and load(b) == ["second"]
+    later = JobSummary(shards=1, committed=1, missing=[], totals=ShardStats(), run=RunStats(shards_run=1),
+                       finished_at="2026-12-02T16:00:00+00:00")
+    _output_with(a, "fp-a", ["again"], later)  # the same job's files after a --force rerun
+    assert load(a) == ["again"]

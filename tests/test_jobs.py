@@ -391,6 +391,13 @@ def test_s3_job_end_to_end(tmp_path, ray_cluster, s3):
         with fs.open(path, "rb") as f:
             rows += pq.read_table(f).to_pylist()
     assert sorted(r["id"] for r in rows) == ids
+    import datasets  # the README's S3 loading line
+
+    ds = datasets.load_dataset("parquet", data_files="s3://fdl-bucket/runs/a/shards/*.parquet", split="train",
+                               storage_options={"endpoint_url": endpoint, "key": S3_ENV["AWS_ACCESS_KEY_ID"],
+                                                "secret": S3_ENV["AWS_SECRET_ACCESS_KEY"]},
+                               cache_dir=str(tmp_path / "hf-cache"))
+    assert sorted(ds["id"]) == ids
     job = fs.cat("fdl-bucket/runs/a/job.json").decode()
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in job and "${AWS_SECRET_ACCESS_KEY}" in job
 
