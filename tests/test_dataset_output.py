@@ -141,7 +141,8 @@ def test_csv_job_loads_as_a_dataset_with_a_report(tmp_path, ray_address):
     assert r.exit_code == 0, r.output
     assert "6 prompts (0 failed), 6 output rows" in r.output and "job " in r.output and "start-up" in r.output
 
-    ds = datasets.load_dataset(str(out), split="train")  # the card's configs: the shards, not job.json
+    # the card's configs: the shards, not job.json (a cache of the test's own, not the user's ~/.cache)
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     rows = sorted(ds.to_list(), key=lambda x: x["id"])
     assert [x["id"] for x in rows] == ["007", "008", "010", "011", "012", "013"]
     assert [x["answer"] for x in rows] == CSV_ANSWERS and [x["note"] for x in rows] == CSV_NOTES
