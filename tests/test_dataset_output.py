@@ -272,7 +272,10 @@ def test_two_outputs_of_one_name_and_a_rerun_load_their_own_rows(tmp_path):
     a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
     _output_with(a, "fp-a", ["first", "first"])
     _output_with(b, "fp-b", ["second"])
-    load = lambda p: [r["completion"] for r in datasets.load_dataset(str(p), split="train", cache_dir=cache)]  # noqa: E731
+
+    def load(p):
+        return [r["completion"] for r in datasets.load_dataset(str(p), split="train", cache_dir=cache)]
+
     assert load(a) == ["first", "first"] and load(b) == ["second"]
     later = JobSummary(shards=1, committed=1, missing=[], totals=ShardStats(), run=RunStats(shards_run=1),
                        finished_at="2026-12-02T16:00:00+00:00")
