@@ -363,3 +363,41 @@ class JobSpec(Manifest):
         if isinstance(d.get("source"), InputSource):
             d["source"] = dataclasses.asdict(d["source"])
         return cls.model_validate(d)
+
+
+def _type_name(t) -> str:
+    if isinstance(t, type) and not getattr(t, "__args__", None):
+        return {"NoneType": "null"}.get(t.__name__, t.__name__)
+    text = str(t).replace("typing.", "").replace("NoneType", "null").replace("fastdllm.structured.", "")
+    return text.replace(" | None", " | null")
+
+
+def manifest_schema() -> list[dict]:
+    """Every manifest field, decode's included, in manifest order: {name (dotted), type, default, description};
+    default None where the field is required. What `fastdllm plan --schema` prints."""
+    rows: list[dict] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            t = f.annotation
+            if model is DecodeSpec and name in ("config", "structured_column"):
+                if name == "config":  # the decode fields are fastdllm.DecodeConfig's, described there
+                    for d in dataclasses.fields(fastdllm.DecodeConfig):
+                        rows.append({"name": f"{prefix}{d.name}", "type": str(d.type).replace("None", "null"),
+                                     "default": _plain(d.default), "required": False,
+                                     "description": d.metadata.get("description", "")})
+                continue
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                walk(t, f"{prefix}{name}.")
+                continue
+            required = f.is_required()
+            rows.append({"name": prefix + name, "type": _type_name(t), "required": required,
+                         "default": None if required else _plain(f.get_default(call_default_factory=True)),
+                         "description": f.description or ""})
+
+    walk(Manifest, "")
+    return rows
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
