@@ -1,5 +1,6 @@
-"""The job manifest (its pydantic models with field descriptions: workers/spec.py); unknown keys and bad values are errors that name
-the field. `load_manifest(path, overrides)` reads YAML, applies `--set key.path=value` and validates."""
+"""The job manifest (its pydantic models, with field descriptions, in workers/spec.py); unknown keys and bad values
+are errors that name the field. `load_manifest(path, overrides)` reads YAML, applies `--set key.path=value` and
+validates."""
 
 from __future__ import annotations
 

@@ -6,5 +6,5 @@ from .shard import Shard, ShardWorker, WorkerSettings, seed_id
 from .spec import JobSpec
 from .stats import ShardStats
 
-__all__ = ["InputReader", "InputSource", "JobOutput", "JobSpec", "JobSummary", "Lease", "LeaseHeld", "MissingShard", "RunStats",
-           "Shard", "ShardDataError", "ShardRecord", "ShardStats", "ShardWorker", "WorkerSettings", "seed_id"]
+__all__ = ["InputReader", "InputSource", "JobOutput", "JobSpec", "JobSummary", "Lease", "LeaseHeld", "MissingShard",
+           "RunStats", "Shard", "ShardDataError", "ShardRecord", "ShardStats", "ShardWorker", "WorkerSettings", "seed_id"]

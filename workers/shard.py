@@ -198,8 +198,8 @@ class ShardWorker:
         with self._shared_lock:
             e = self._shared
             if e is None or e.engine.cfg != self.cfg or e.engine.max_batch_size != self.s.workers.batch_size:
-                e = self._shared = SharedEngine(fastdllm.Engine(self.model, self.cfg, max_batch_size=self.s.workers.batch_size,
-                                                                tokenizer=self.tok))
+                e = self._shared = SharedEngine(fastdllm.Engine(self.model, self.cfg, tokenizer=self.tok,
+                                                                max_batch_size=self.s.workers.batch_size))
             return e
 
     def _warm_up(self) -> None:
@@ -368,7 +368,8 @@ class ShardWorker:
 
         ns = self.s.decode.num_samples
         rows = [i for i in range(table.num_rows) for _ in range(ns)]  # the input row of each output row
-        id_meta = table.schema.field(self.s.input.id_column).metadata if self.s.input.id_column else None  # JSON text ids
+        id_column = self.s.input.id_column
+        id_meta = table.schema.field(id_column).metadata if id_column else None  # JSON text ids
         schema = pa.schema([pa.field("id", id_type, metadata=id_meta)] + OUTPUT_SCHEMA_TAIL)
         out_table = pa.table([[ids[i] for i in rows], [k for _ in range(table.num_rows) for k in range(ns)],
                               [texts[i] for i in rows],
@@ -385,7 +386,8 @@ class ShardWorker:
             counters.write_seconds = time.perf_counter() - t_write
             counters.wall_seconds = time.perf_counter() - t0
             return ShardRecord(shard=shard.index, stats=counters, file=file, worker=self.name, device=self.device,
-                               dtype=str(self.model.dtype).removeprefix("torch."), model=self.s.model.source, config=self.s.identity()["decode"],
+                               dtype=str(self.model.dtype).removeprefix("torch."), model=self.s.model.source,
+                               config=self.s.identity()["decode"],
                                attempt=attempt, started_at=started, finished_at=now())
 
         return self.out.commit(shard.index, data, out_table.num_rows, record, run_id=self.s.run_id)

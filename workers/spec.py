@@ -312,7 +312,8 @@ def _drop(d: dict, loc: list) -> list[str]:
 class JobSpec(Manifest):
     """One job as its workers run it: the validated manifest (local paths already absolute: jobs/runner.py
     `absolute_uris`), what planning found (the input source, the kept columns) and the run id of the driver's
-    lease. Made once by the driver and sent to every actor as it is; frozen."""
+    lease. Made once by the driver and sent to every actor as it is; frozen. storage_options keep their `${VAR}`
+    references: each worker expands them from its own environment."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     source: InputSource = Field(default_factory=lambda: InputSource(""), description=(
