@@ -7,4 +7,5 @@ from .spec import JobSpec
 from .stats import ShardStats
 
 __all__ = ["InputReader", "InputSource", "JobOutput", "JobSpec", "JobSummary", "Lease", "LeaseHeld", "MissingShard",
-           "RunStats", "Shard", "ShardDataError", "ShardRecord", "ShardStats", "ShardWorker", "WorkerSettings", "seed_id"]
+           "RunStats", "Shard", "ShardDataError", "ShardRecord", "ShardStats", "ShardWorker", "WorkerSettings",
+           "seed_id"]
