@@ -274,7 +274,6 @@ class Manifest(_Strict):
         raise ValueError("job.json's manifest does not validate")
 
 
-
 def recorded_manifest(job: dict) -> Manifest:
     """The manifest a job.json records, as the model (Manifest.from_record: an older job.json's unknown fields
     fall back to their defaults, each logged)."""
