@@ -275,10 +275,21 @@ class Manifest(_Strict):
 
 
 def recorded_manifest(job: dict) -> Manifest:
-    """The manifest a job.json records, as the model (Manifest.from_record: an older job.json's unknown fields
-    fall back to their defaults, each logged)."""
+    """The manifest a job.json records, as the model, for the readers of an output (status, report):
+    Manifest.from_record (an older job.json's unknown fields fall back to their defaults, each logged), and a
+    required text field the record lacks (model.source, input.uri, output.uri) reads as "?", as these readers
+    always showed it."""
+    record = _copy(job.get("manifest") or {})
+    for name, f in Manifest.model_fields.items():
+        sub = f.annotation
+        if f.is_required() and isinstance(sub, type) and issubclass(sub, BaseModel):
+            section = record.setdefault(name, {})
+            if isinstance(section, dict):
+                for key, g in sub.model_fields.items():
+                    if g.is_required() and g.annotation is str:
+                        section.setdefault(key, "?")
     dropped: list[str] = []
-    m = Manifest.from_record(job.get("manifest") or {}, dropped)
+    m = Manifest.from_record(record, dropped)
     if dropped:
         logging.getLogger("fastdllm.workers").info("job.json: %s not read (not a field of this version's manifest, "
                                                    "or a value it no longer takes); default used", ", ".join(dropped))
