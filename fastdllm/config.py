@@ -9,48 +9,60 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CACHE_MODES = ("none", "prefix", "dual", "dllm")
 RULES = ("quota", "threshold", "factor", "frechet", "quota_threshold")
 REMASKING = ("low_confidence", "random")
 
 
+def _f(default, description: str):
+    """A field with its description in the metadata (what `fastdllm plan --schema` prints)."""
+    return field(default=default, metadata={"description": description})
+
+
+_KINDS = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false"),
+          "str": (str, "text")}
+
+
 @dataclass(kw_only=True)
 class DecodeConfig:
-    """Decoding settings (docs/DESIGN.md, "Decoding semantics"). Invalid values raise ValueError."""
+    """Decoding settings (docs/DESIGN.md, "Decoding semantics"). Invalid values raise ValueError; this is the one
+    check of them (the job manifest's decode section calls it too). Each field's description: its metadata."""
 
-    gen_length: int = 256
-    block_length: int = 32
-    steps: int = 256  # total steps for the quota rule; steps / num_blocks per block
-    steps_per_block: int | None = None  # the quota rule's steps per block; None: steps // num_blocks
-    cache: str = "dual"  # a name in fastdllm.policies.CACHE_POLICIES: none | prefix | dual | dllm
-    rule: str = "threshold"  # quota | threshold | factor | frechet | quota_threshold (LLaDA2's own)
-    threshold: float = 0.9
-    factor: float = 1.0
-    frechet_margin: float = 0.25
-    temperature: float = 0.0
-    remasking: str = "low_confidence"  # or "random"
-    stop_at_eos: bool = True
-    eos_early_stop: bool = False  # end a row mid-block once a committed stop token has no mask before it
-    stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's stop ids
-    seed: int = 0
-    # dLLM-Cache (cache="dllm"): refresh intervals in steps for the prompt (K_p) and the response (K_r), and the
-    # share of response positions recomputed per layer on the other steps (rho). Defaults: the paper's LLaDA setting.
-    prompt_interval: int = 50
-    response_interval: int = 7
-    adaptive_ratio: float = 0.25
+    gen_length: int = _f(256, "Generated positions per row (a multiple of block_length).")
+    block_length: int = _f(32, "Positions per block; blocks are decoded left to right.")
+    steps: int = _f(256, "Total steps for the quota rules: steps / num_blocks per block (a multiple of the number "
+                         "of blocks unless steps_per_block is set).")
+    steps_per_block: int | None = _f(None, "The quota rules' steps per block; null: steps / num_blocks.")
+    cache: str = _f("dual", f"KV cache policy: {' | '.join(CACHE_MODES)} (fastdllm.policies.CACHE_POLICIES).")
+    rule: str = _f("threshold", f"Commit rule: {' | '.join(RULES)} (quota_threshold: LLaDA2's own).")
+    threshold: float = _f(0.9, "threshold / quota_threshold rules: commit candidates at least this confident, in "
+                               "(0, 1].")
+    factor: float = _f(1.0, "factor rule: commit the n most confident with c_(n) >= 1 - factor / (n + 1); > 0.")
+    frechet_margin: float = _f(0.25, "frechet rule (Fast-dLLM++): the Frechet lower bound's margin; >= 0.")
+    temperature: float = _f(0.0, "0: greedy; > 0: Gumbel noise seeded by (seed, row id).")
+    remasking: str = _f("low_confidence", f"Confidence of a candidate: {' | '.join(REMASKING)} (a uniform number).")
+    stop_at_eos: bool = _f(True, "Finish a row once its block is complete and a stop token was committed; the "
+                                 "output is cut before the first stop token.")
+    eos_early_stop: bool = _f(False, "End a row mid-block once a committed stop token has no mask before it.")
+    stop_token_ids: tuple[int, ...] | None = _f(None, "Stop token ids; null: the checkpoint's own.")
+    seed: int = _f(0, "Seed of the sampling noise (with each row's id); >= 0.")
+    # dLLM-Cache (cache="dllm"): defaults are the paper's LLaDA setting.
+    prompt_interval: int = _f(50, "dLLM-Cache: refresh interval of the prompt's features, in steps (K_p).")
+    response_interval: int = _f(7, "dLLM-Cache: refresh interval of the response's features, in steps (K_r).")
+    adaptive_ratio: float = _f(0.25, "dLLM-Cache: share of response positions recomputed per layer on the other "
+                                     "steps (rho), in [0, 1].")
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(msg)
 
-        if not isinstance(self.eos_early_stop, bool):
-            bad(f"eos_early_stop must be true or false, got {self.eos_early_stop!r}")
-        for name in ("gen_length", "block_length", "steps", "seed", "prompt_interval", "response_interval"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                bad(f"{name} must be an integer, got {v!r}")
+        for f in dataclasses.fields(self):  # the declared type, first (a string where a number goes: one line)
+            if f.type in _KINDS:
+                v, (want, what) = getattr(self, f.name), _KINDS[f.type]
+                if not isinstance(v, want) or (isinstance(v, bool) and f.type != "bool"):
+                    bad(f"{f.name} must be {what}, got {v!r}")
         spb = self.steps_per_block
         if spb is not None and (isinstance(spb, bool) or not isinstance(spb, int) or spb < 1):
             bad(f"steps_per_block must be a positive integer or None, got {spb!r}")

@@ -222,19 +222,27 @@ def run_batch(input_uri, output_uri, source, work_dir, gen_length, block_length,
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False), required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a manifest field.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(manifest, overrides, as_json):
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (or with --schema the fields) as JSON.")
+@click.option("--schema", "schema", is_flag=True, help="Print every manifest field (type, default, description) "
+                                                      "instead; needs no MANIFEST.")
+def plan(manifest, overrides, as_json, schema):
     """Validate MANIFEST and print its shard plan (shards, prompts, output rows, input files); writes nothing.
 
     \b
     Example:
-      fastdllm plan manifests/demo.yaml --set input.rows_per_shard=100"""
+      fastdllm plan manifests/demo.yaml --set input.rows_per_shard=100
+      fastdllm plan --schema            # every manifest field, decode settings included"""
     from .guards import check_no_overlap, check_output_uri
     from .manifest import load_manifest
     from .plan import check_model_source, make_plan
 
+    if schema:
+        _print_schema(as_json)
+        return
+    if manifest is None:
+        _fail(InvalidJob("plan needs a MANIFEST (the job's .yaml file), or --schema to list the manifest's fields"))
     try:
         spec = load_manifest(manifest, overrides)
         check_model_source(spec)
@@ -255,6 +263,19 @@ def plan(manifest, overrides, as_json):
         click.echo(f"  {f.uri}: {f.rows} rows, {n} shards")
     for s in p.shards:
         click.echo(f"  shard {s.name}: {s.relpath} rows [{s.start}, {s.stop})")
+
+
+def _print_schema(as_json: bool) -> None:
+    """`plan --schema`: the manifest's fields (workers/spec.py manifest_schema), one block each, or JSON."""
+    from fastdllm.workers.spec import manifest_schema
+
+    rows = manifest_schema()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for r in rows:
+        default = "required" if r["required"] else f"default {json.dumps(r['default'], default=str)}"
+        click.echo(f"{r['name']}: {r['type']}, {default}\n    {r['description']}")
 
 
 @main.command()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from fastdllm.workers import MissingShard, Shard, ShardDataError, ShardRecord, ShardWorker, WorkerSettings
+from fastdllm.workers import MissingShard, Shard, ShardDataError, ShardRecord, ShardWorker, JobSpec
 from fastdllm.workers.output import shard_name
 
 from .cluster import JobInterrupted, describe_cluster, describe_need
@@ -46,7 +46,7 @@ class WorkerActor:
     def placed(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
-    def load(self, settings: WorkerSettings) -> str:
+    def load(self, settings: JobSpec) -> str:
         self.worker = ShardWorker(settings)
         return self.worker.name
 
@@ -85,7 +85,7 @@ class Dispatcher:
     output (its lease went to another run: stop dispatching) or None; metrics (fastdllm.jobs.metrics.JobMetrics or None)
     records commits, failures and actor states."""
 
-    def __init__(self, name: str, w: WorkersSpec, settings: WorkerSettings, shards: list[Shard], n_actors: int, *,
+    def __init__(self, name: str, w: WorkersSpec, settings: JobSpec, shards: list[Shard], n_actors: int, *,
                  write_log: Callable[[Shard, int, str], None], lost: Callable[[], str | None] = lambda: None,
                  recover: Callable[[Shard], ShardRecord | None] = lambda shard: None,
                  metrics=None, progress: bool | None = None, check_signals: Callable[[], None] = lambda: None):
@@ -343,7 +343,7 @@ class Dispatcher:
 
     def _progress_line(self, now: float) -> None:
         """Every heartbeat, committed or not: prompts and output rows done, job tokens/s since start-up, ETA."""
-        ns = self.settings.num_samples
+        ns = self.settings.decode.num_samples
         ready = self.out.ready_at
         rate = self.out.tokens / (now - ready) if ready is not None and now > ready else 0.0
         eta = "unknown"

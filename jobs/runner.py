@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 import fastdllm
-from fastdllm.workers import (JobOutput, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard, ShardRecord,
-                     ShardStats, WorkerSettings)
+from fastdllm.workers import (JobOutput, JobSpec, JobSummary, Lease, LeaseHeld, MissingShard, RunStats, Shard,
+                              ShardRecord, ShardStats)
 from fastdllm.workers.output import now
 from fastdllm.workers.storage import redact, scrub_all, storage_error
 
@@ -62,23 +62,9 @@ def absolute_uris(m: Manifest) -> Manifest:
                                 "model": m.model.model_copy(update={"source": source})})
 
 
-def worker_settings(m: Manifest, plan: Plan, run_id: str | None = None) -> WorkerSettings:
-    return WorkerSettings(run_id=run_id,
-        model_source=m.model.source, model_revision=m.model.revision, dtype=m.model.dtype, device=m.model.device,
-        chat_template=m.model.chat_template, system_prompt=m.model.system_prompt,
-        trust_remote_code=m.model.trust_remote_code, decode=m.decode.config, num_samples=m.decode.num_samples,
-        structured=m.decode.structured_outputs, structured_column=m.decode.structured_column,
-        output_uri=m.output.uri, output_format=m.output.format, id_name=m.id_name, source=plan.source,
-        prompt_column=m.input.prompt_column, messages_column=m.input.messages_column, id_column=m.input.id_column,
-        keep_columns=tuple(plan.keep_columns), column_types=dict(m.input.column_types),
-        storage_options=m.storage_options, batch_size=m.workers.batch_size,
-        crash=m.faults.crash, error=m.faults.error, hang=m.faults.hang)
-
-
-def _identity(m: Manifest) -> dict:
-    """What decides the output's content: a rerun must match it to reuse committed shards."""
-    return {"model": m.model.model_dump(include={"source", "revision", "dtype", "chat_template", "system_prompt"}),
-            "decode": m.decode.model_dump(), "output": {"format": m.output.format, "id_name": m.id_name}}
+def job_spec(m: Manifest, plan: Plan, run_id: str | None = None) -> JobSpec:
+    """The frozen spec every worker of this run gets: the manifest (after absolute_uris) and what planning found."""
+    return JobSpec.of(m, plan.source, plan.keep_columns, run_id)
 
 
 def input_changes(old_job: dict, m: Manifest, plan: Plan) -> str:
@@ -157,7 +143,7 @@ def take_lease(out: JobOutput, m: Manifest) -> Lease:
 def prepare_output(out: JobOutput, m: Manifest, plan: Plan, force: bool) -> None:
     """Check an existing output against this job (refuse a changed input or config unless forced), then write
     job.json. Call it holding the output's lease. An unwritable output raises InvalidJob before any work."""
-    ident = scrub_all(_identity(m))  # as job.json records it (credentials in URIs scrubbed), so a rerun matches
+    ident = scrub_all(m.identity())  # as job.json records it (credentials in URIs scrubbed), so a rerun matches
     try:
         old = out.read_job()
     except ValueError as e:
@@ -341,7 +327,7 @@ def _run_shards(m: Manifest, plan: Plan, pending: list[Shard], address: str | No
             return Outcome(interrupted=stop.interrupted())
         n = min(actors_that_fit(m.workers, strict=session.started), len(pending))
         _warn_local_output(m)
-        dispatcher = Dispatcher(m.name, m.workers, worker_settings(m, plan, lease.me.run_id), pending, n,
+        dispatcher = Dispatcher(m.name, m.workers, job_spec(m, plan, lease.me.run_id), pending, n,
                                 progress=progress,
                                 write_log=lambda shard, attempt, text: _write_attempt_log(out, shard, attempt, text),
                                 recover=lambda shard: out.committed_record(shard.index, shard.rows),

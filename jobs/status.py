@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from fastdllm.workers import JobOutput, MissingShard, ShardRecord, ShardStats
 from fastdllm.workers.output import LeaseInfo, planned_rows
+from fastdllm.workers.spec import recorded_manifest
 from fastdllm.workers.storage import storage_error
 
 from .manifest import InvalidJob
@@ -51,8 +52,11 @@ def job_status(uri: str, storage_options: dict | None = None, verify: bool = Tru
         raise InvalidJob(f"cannot read {uri}: {storage_error(e)}") from None
     if job is None:
         raise InvalidJob(f"{uri} holds no job (no job.json)")
-    manifest = job.get("manifest", {})
-    out.ext = manifest.get("output", {}).get("format", "parquet")  # shard data files: shards/NNNNN.<ext>
+    try:
+        m = recorded_manifest(job)
+    except ValueError as e:  # pydantic's ValidationError included: a required field missing
+        raise InvalidJob(f"{uri}/job.json: its manifest does not read back: {str(e).splitlines()[0]}") from None
+    out.ext = m.output.format  # shard data files: shards/NNNNN.<ext>
     planned = planned_rows(job)
     scan = out.scan(planned, verify=verify)
     summary = out.read_summary()
@@ -72,8 +76,7 @@ def job_status(uri: str, storage_options: dict | None = None, verify: bool = Tru
                      committed=scan.committed, pending=pending, problems=problems,
                      lease=lease if lease is not None and not lease.expired() and not lease.holder_is_dead()
                      else None,
-                     max_error_rate=manifest.get("workers", {}).get("max_error_rate", 1.0),
-                     num_samples=int(manifest.get("decode", {}).get("num_samples", 1)))
+                     max_error_rate=m.workers.max_error_rate, num_samples=m.decode.num_samples)
 
 
 def throughput_table(records: dict[int, ShardRecord]) -> str:

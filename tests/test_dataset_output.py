@@ -98,8 +98,8 @@ def test_jsonl_kept_columns_and_ids_come_out_exactly(tmp_path, worker, out_fmt):
     plan = make_plan(parse_manifest(spec(tmp_path, p, input={"id_column": "id", "keep_columns": KEEP,
                                                              "rows_per_shard": 10})))
     saved = worker.s, worker.reader, worker.out.ext
-    worker.s = WorkerSettings(**{**vars(saved[0]), "source": plan.source, "id_column": "id",
-                                 "keep_columns": tuple(KEEP), "output_format": out_fmt})
+    worker.s = WorkerSettings(saved[0], source=plan.source, id_column="id", keep_columns=tuple(KEEP),
+                              output_format=out_fmt)
     worker.reader = InputReader(plan.source, string_columns=("prompt",))
     worker.out.ext = out_fmt
     try:

@@ -1,7 +1,7 @@
 """The ids' output column (issue 21): it keeps the input id column's name, or output.id_name; derived ids go
 under `id`; a name that collides with a generated or kept column is refused at plan time in one line; the name is
 part of the job's identity (a rerun with another one is refused). Shards run on the shared tiny worker, without
-Ray, from the settings the driver sends (jobs.runner.worker_settings)."""
+Ray, from the settings the driver sends (jobs.runner.job_spec)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fastdllm.jobs import parse_manifest
 from fastdllm.jobs.cli import main
 from fastdllm.jobs.manifest import InvalidJob
 from fastdllm.jobs.plan import make_plan
-from fastdllm.jobs.runner import prepare_output, worker_settings
+from fastdllm.jobs.runner import job_spec, prepare_output
 from fastdllm.workers import InputReader, JobOutput
 
 from .test_rows import DECODE
@@ -50,15 +50,15 @@ def run(worker, raw: dict) -> JobOutput:
     plan = make_plan(m)
     out = JobOutput(m.output.uri, ext=m.output.format)
     prepare_output(out, m, plan, force=False)
-    s = worker_settings(m, plan)
-    saved = worker.s, worker.reader, worker.out, worker.cfg
-    worker.s, worker.out, worker.cfg = s, JobOutput(s.output_uri, ext=s.output_format), s.decode
-    worker.reader = InputReader(s.source, string_columns=(s.prompt_column,), column_types=s.column_types)
+    s = job_spec(m, plan)
+    saved = worker.s, worker.reader, worker.out
+    worker.s, worker.out = s, JobOutput(s.output.uri, ext=s.output.format)
+    worker.reader = InputReader(s.source, string_columns=(s.input.text_column,), column_types=s.input.column_types)
     try:
         for shard in plan.shards:
             worker.run_shard(shard)
     finally:
-        worker.s, worker.reader, worker.out, worker.cfg = saved
+        worker.s, worker.reader, worker.out = saved
     return out
 
 

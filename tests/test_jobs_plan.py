@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from fastdllm.jobs.cli import main
 from fastdllm.jobs.manifest import InvalidJob, parse_manifest
 from fastdllm.jobs.plan import make_plan
-from fastdllm.workers import Shard, ShardStats
+from fastdllm.workers import Shard, ShardStats, WorkerSettings
 from fastdllm.workers.inputs import read_shard_rows
 from fastdllm.workers.storage import expand_env, redact
 
@@ -175,15 +175,15 @@ def test_worker_bad_rows_get_errors_and_the_rest_decodes(tmp_path, worker):
 def test_worker_output_does_not_depend_on_batch_size(tmp_path, worker):
     prompts = [f"{i}+{i * 7}=" for i in range(5)] + ["sort:9182=", "sort:55="]
     path = write_parquet(tmp_path / "p.parquet", prompts, ids=pa.array(range(100, 107), pa.int64()))
-    worker.s.id_column = "id"
+    saved = worker.s
     try:
         outs = []
         for bs in (1, 4):
-            worker.s.batch_size = bs
+            worker.s = WorkerSettings(saved, id_column="id", batch_size=bs)
             worker.run_shard(Shard(index=bs, file=str(path), relpath="p.parquet", start=0, stop=7))
             outs.append(pq.read_table(f"{worker.out.root}/shards/{bs:05d}.parquet").to_pylist())
     finally:
-        worker.s.id_column, worker.s.batch_size = None, 3
+        worker.s = saved
     assert outs[0] == outs[1]
     assert [r["id"] for r in outs[0]] == list(range(100, 107))
 

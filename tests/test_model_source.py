@@ -16,7 +16,7 @@ import fastdllm
 from fastdllm.jobs import parse_manifest
 from fastdllm.jobs.cli import main
 from fastdllm.jobs.plan import make_plan
-from fastdllm.jobs.runner import absolute_uris, worker_settings
+from fastdllm.jobs.runner import absolute_uris, job_spec
 from fastdllm.workers import ShardWorker
 
 from .conftest import own_local_ray
@@ -46,9 +46,9 @@ def test_relative_and_home_model_sources_become_absolute(tmp_path, monkeypatch):
     for kept in ("tiny", "acme/llada-tiny"):  # a built-in name, a repo id (no such directory here)
         assert absolute_uris(parse_manifest(_manifest(kept))).model.source == kept
 
-    # the worker settings carry the absolute path: a worker started in another directory loads the same model
+    # the job spec carries the absolute path: a worker started in another directory loads the same model
     m = absolute_uris(parse_manifest(_manifest("ckpt")))
-    settings = worker_settings(m, make_plan(m))
+    settings = job_spec(m, make_plan(m))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -22,7 +22,7 @@ from fastdllm.jobs import InvalidJob
 from fastdllm.jobs.batch import batch_manifest
 from fastdllm.jobs.cli import main
 from fastdllm.jobs.plan import make_plan
-from fastdllm.jobs.runner import absolute_uris, worker_settings
+from fastdllm.jobs.runner import absolute_uris, job_spec
 from fastdllm import tiny_kit
 from fastdllm.tiny_kit import answer_for
 from fastdllm.workers import ShardStats, ShardWorker, seed_id
@@ -181,7 +181,7 @@ def batch_worker(tmp_path_factory):
     m = absolute_uris(batch_manifest(str(src), str(tmp / "out.jsonl"), "tiny", workers={"batch_size": 4},
                                      rows_per_shard=8))
     plan = make_plan(m)
-    return ShardWorker(worker_settings(m, plan)), plan, m
+    return ShardWorker(job_spec(m, plan)), plan, m
 
 
 def test_shard_answers_validate_and_decode_as_the_engine_does_alone(batch_worker):

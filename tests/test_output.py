@@ -23,6 +23,7 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 from fastdllm.workers import JobOutput, JobSummary, Lease, LeaseHeld, RunStats, Shard, ShardDataError, ShardRecord, ShardStats
 from fastdllm.workers.output import LEASE, DataFile, MissingShard
+from fastdllm.workers.shard import WorkerSettings
 from fastdllm.workers.inputs import read_shard_rows
 from fastdllm.workers.shard import decode_text
 from fastdllm.workers.storage import parquet_footer
@@ -247,10 +248,11 @@ def test_worker_names_an_undecodable_row_and_fails_a_changed_file(tmp_path, work
     assert rec.stats.rows == 3 and rec.stats.error_rows == 1
 
     shard = write_prompts(tmp_path / "v.parquet", ["1+1=", "2+2="], ids=invalid_utf8([b"a", b"\x80"]))
-    monkeypatch.setattr(worker.s, "id_column", "id")
+    spec = worker.s
+    monkeypatch.setattr(worker, "s", WorkerSettings(spec, id_column="id"))
     with pytest.raises(ShardDataError, match=r"v.parquet row 1: id column 'id' is not valid UTF-8"):
         worker.run_shard(dataclasses.replace(shard, index=1))
-    monkeypatch.setattr(worker.s, "id_column", None)
+    monkeypatch.setattr(worker, "s", spec)
     shard = write_prompts(tmp_path / "w.parquet", ["1+1=", "2+2="])
     pq.write_table(pa.table({"prompt": ["1+1="]}), tmp_path / "w.parquet")
     with pytest.raises(ShardDataError, match="changed since the job was planned"):

@@ -195,20 +195,20 @@ def test_keep_all_leaves_out_columns_the_output_already_has(tmp_path):
 
 def run(worker, path, fmt="parquet", **settings) -> list[dict]:
     """Run one shard of the whole file at `path` on the shared worker with `settings` swapped in; its rows."""
-    saved = worker.s, worker.reader, worker.cfg, worker.out.ext
-    worker.s = WorkerSettings(**{**vars(saved[0]), "source": InputSource(str(path), fmt), **settings})
-    worker.reader = InputReader(worker.s.source, string_columns=(worker.s.prompt_column,))
-    worker.cfg, worker.out.ext = worker.s.decode, worker.s.output_format
+    saved = worker.s, worker.reader, worker.out.ext
+    worker.s = WorkerSettings(saved[0], source=InputSource(str(path), fmt), **settings)
+    worker.reader = InputReader(worker.s.source, string_columns=(worker.s.input.text_column,))
+    worker.out.ext = worker.s.output.format
     try:
         n = pq.read_metadata(path).num_rows
         worker.run_shard(Shard(index=0, file=str(path), relpath="a", start=0, stop=n))
-        out = f"{worker.out.root}/shards/00000.{worker.s.output_format}"
-        if worker.s.output_format == "jsonl":
+        out = f"{worker.out.root}/shards/00000.{worker.s.output.format}"
+        if worker.s.output.format == "jsonl":
             with open(out) as f:
                 return [json.loads(line) for line in f]
         return pq.read_table(out).to_pylist()
     finally:
-        worker.s, worker.reader, worker.cfg, worker.out.ext = saved
+        worker.s, worker.reader, worker.out.ext = saved
 
 
 def test_messages_and_system_prompt_decode_as_the_pretemplated_prompt(tmp_path, worker):

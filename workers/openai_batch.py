@@ -276,11 +276,11 @@ def _encode(worker, req: BatchRequest) -> tuple[list[int], int]:
     """The request's prompt ids and generated length; LineError when it cannot be decoded."""
     s, cfg, mc = worker.s, worker.cfg, worker.model.config
     if req.kind == "chat":
-        if s.chat_template is False:
+        if s.model.chat_template is False:
             raise LineError("invalid_request", "a /v1/chat/completions line needs a chat template; set "
                                                "model.chat_template to true (run-batch does) or a template string")
         try:
-            text = worker.tok.render(req.messages, s.chat_template, s.system_prompt)
+            text = worker.tok.render(req.messages, s.model.chat_template, s.model.system_prompt)
         except Exception as e:  # a template that raises belongs to the line
             raise LineError("invalid_request", f"body.messages could not be rendered by the chat template: "
                                                f"{type(e).__name__}: {e}") from None
@@ -354,7 +354,7 @@ def run_batch_shard(worker, shard: Shard, attempt: int) -> ShardRecord:
         req, ids, _ = p
         done = [finished[i, k] for k in range(req.n)]
         lines.append(response_line(req, raws[i], len(ids), done, [seeds[i, k] for k in range(req.n)],
-                                   worker.s.model_source, created))
+                                   worker.s.model.source, created))
     t_write = time.perf_counter()
     data = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode()
 
@@ -362,7 +362,7 @@ def run_batch_shard(worker, shard: Shard, attempt: int) -> ShardRecord:
         counters.write_seconds = time.perf_counter() - t_write
         counters.wall_seconds = time.perf_counter() - t0
         return ShardRecord(shard=shard.index, stats=counters, file=file, worker=worker.name, device=worker.device,
-                           model=worker.s.model_source, config={**cfg.to_dict(), "num_samples": worker.s.num_samples},
+                           model=worker.s.model.source, config=worker.s.identity()["decode"],
                            attempt=attempt, started_at=started, finished_at=now())
 
     return worker.out.commit(shard.index, data, len(lines), record)

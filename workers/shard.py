@@ -21,21 +21,21 @@ import re
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import fastdllm
 
-from .inputs import InputReader, InputSource, ShardDataError, is_json_text
+from .inputs import InputReader, ShardDataError, is_json_text
 from .output import DataFile, JobOutput, ShardRecord, now, shard_name
+from .spec import OUTPUT_FORMATS, JobSpec  # noqa: F401 - OUTPUT_FORMATS: re-exported
 from .stats import ShardStats
 
 log = logging.getLogger("fastdllm.workers")
 
-OUTPUT_FORMATS = ("parquet", "jsonl", "openai")  # openai: OpenAI Batch API answer lines (workers/openai_batch.py)
-OUTPUT_SCHEMA_TAIL = [  # the output columns after the id column (WorkerSettings.output_id; its type is the input's)
+OUTPUT_SCHEMA_TAIL = [  # the output columns after the id column (JobSpec.id_name; its type is the input's)
     pa.field("sample_index", pa.int32()),  # 0 .. decode.num_samples - 1
     pa.field("prompt", pa.string()),  # the text the model got (after the chat template, when one applies)
     pa.field("completion", pa.string()),
@@ -45,7 +45,7 @@ OUTPUT_SCHEMA_TAIL = [  # the output columns after the id column (WorkerSettings
     pa.field("finish_reason", pa.string()),  # stop | length | error
     pa.field("error", pa.string()),  # null, or why the row was not decoded
 ]
-GENERATED_COLUMNS = tuple(f.name for f in OUTPUT_SCHEMA_TAIL)  # after the id column; the kept input columns follow
+GENERATED_COLUMNS = tuple(f.name for f in OUTPUT_SCHEMA_TAIL)  # after the id column, before the kept ones
 
 
 @dataclass(frozen=True)
@@ -74,53 +74,7 @@ class Shard:
         return shard_name(self.index)
 
 
-@dataclass
-class WorkerSettings:
-    """Everything a worker needs, from the resolved manifest and plan. storage_options keep their `${VAR}`
-    references; each worker expands them from its own environment."""
-
-    model_source: str
-    decode: fastdllm.DecodeConfig
-    output_uri: str
-    source: InputSource = InputSource("")  # the input's format (and for HF datasets: uri, config, split)
-    prompt_column: str | None = "prompt"
-    messages_column: str | None = None  # instead of prompt_column: a list of {role, content} per row
-    id_column: str | None = None
-    id_name: str | None = None  # output.id_name: the output column of the ids (None: see output_id)
-    keep_columns: tuple[str, ...] = ()  # input columns copied to the output
-    column_types: dict[str, str] = field(default_factory=dict)  # input.column_types: {column: Arrow type name}
-    num_samples: int = 1
-    structured: fastdllm.StructuredOutputs | None = None  # every row's output constraint
-    structured_column: str | None = None  # or each row's, from this column (JSON text of {json|regex|choice|...})
-    output_format: str = "parquet"
-    model_revision: str | None = None
-    dtype: str = "auto"
-    device: str | None = None
-    chat_template: bool | str = False
-    system_prompt: str | None = None
-    trust_remote_code: bool = False
-    storage_options: dict = field(default_factory=dict)
-    batch_size: int = 16
-    run_id: str | None = None  # the driver's lease run id: each commit first checks the output's lease is its
-    # Fault injection, for tests of the driver's retries only: {shard index: attempts to fail}. After decoding
-    # the shard's rows, `crash` ends the worker process (os._exit) once its other shards are done (or crash too),
-    # so only the crashing shards are lost; `error` raises RuntimeError, and `hang` sleeps until the driver's shard
-    # timeout gives up on the attempt.
-    crash: dict[int, int] = field(default_factory=dict)
-    error: dict[int, int] = field(default_factory=dict)
-    hang: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def output_id(self) -> str:
-        """The output column holding the rows' ids: id_name, else the id column's own name, else `id`."""
-        return self.id_name or self.id_column or "id"
-
-    @property
-    def input_columns(self) -> list[str]:
-        """The input columns a shard reads: prompt or messages, id, kept columns (each once, in that order)."""
-        cols = [self.messages_column or self.prompt_column, self.id_column, self.structured_column,
-                *self.keep_columns]
-        return list(dict.fromkeys(c for c in cols if c))
+WorkerSettings = JobSpec.local  # a worker's spec without the driver, from settings by name (tests, notebooks)
 
 
 def seed_id(row_id, sample_index: int = 0) -> int:
@@ -214,49 +168,51 @@ class ShardWorker:
     """Holds one loaded model, tokenizer and decoding engine; `run_shard` decodes and commits one shard (two may
     run at once, sharing the engine)."""
 
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: JobSpec):
         import torch
 
         self.s = settings
-        self.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = fastdllm.load_model(settings.model_source, device=self.device, dtype=settings.dtype,
-                                         revision=settings.model_revision)
-        self.tok = fastdllm.load_tokenizer(settings.model_source, revision=settings.model_revision,
-                                           trust_remote_code=settings.trust_remote_code)
-        self.cfg = settings.decode
+        m = settings.model
+        self.device = m.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = fastdllm.load_model(m.source, device=self.device, dtype=m.dtype, revision=m.revision)
+        self.tok = fastdllm.load_tokenizer(m.source, revision=m.revision, trust_remote_code=m.trust_remote_code)
         self.max_prompt = self.model.config.max_seq_len - self.cfg.gen_length
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.reader = InputReader(settings.source, settings.storage_options,
-                                  string_columns=(settings.messages_column or settings.prompt_column,),
-                                  column_types=settings.column_types)
+                                  string_columns=(settings.input.text_column,),
+                                  column_types=settings.input.column_types)
         self._warm_up()
         self._shared: SharedEngine | None = None
         self._shared_lock = threading.Lock()
         self._running = threading.Condition()  # shards in run_shard now, and those of them crashing (faults)
         self._in_flight = self._crashing = 0
-        self.out = JobOutput(settings.output_uri, settings.storage_options, ext=settings.output_format)
+        self.out = JobOutput(settings.output.uri, settings.storage_options, ext=settings.output.format)
+
+    @property
+    def cfg(self) -> fastdllm.DecodeConfig:
+        return self.s.decode.config
 
     def engine(self) -> SharedEngine:
         """The worker's engine, for the current decode settings and batch size (made anew only when they changed,
         which a notebook or test may do between shards)."""
         with self._shared_lock:
             e = self._shared
-            if e is None or e.engine.cfg != self.cfg or e.engine.max_batch_size != self.s.batch_size:
-                e = self._shared = SharedEngine(fastdllm.Engine(self.model, self.cfg, max_batch_size=self.s.batch_size,
-                                                                tokenizer=self.tok))
+            if e is None or e.engine.cfg != self.cfg or e.engine.max_batch_size != self.s.workers.batch_size:
+                e = self._shared = SharedEngine(fastdllm.Engine(self.model, self.cfg, tokenizer=self.tok,
+                                                                max_batch_size=self.s.workers.batch_size))
             return e
 
     def _warm_up(self) -> None:
         """Decode one full batch of a one-token prompt, so the first shard does not pay for lazy kernel set-up
         and for growing the allocator's pools to a batch's KV caches and activations."""
         ids = self.tok.encode("0") or [0]
-        fastdllm.generate(self.model, [ids] * self.s.batch_size, self.cfg)
+        fastdllm.generate(self.model, [ids] * self.s.workers.batch_size, self.cfg)
 
     def _prompt_text(self, value) -> tuple[str | None, str | None]:
         """(the text the model gets, None) for a usable prompt or conversation, else (None, why)."""
         if value is None:
-            return None, f"{'messages' if self.s.messages_column else 'prompt'} is null"
-        if self.s.messages_column:
+            return None, f"{'messages' if self.s.input.messages_column else 'prompt'} is null"
+        if self.s.input.messages_column:
             if not value:
                 return None, "messages is an empty list"
             if any(not isinstance(m, dict) or not isinstance(m.get("content"), str) or not m.get("role")
@@ -264,7 +220,7 @@ class ShardWorker:
                 return None, "messages has a turn without a role or a text content"
             turns = [{"role": m["role"], "content": m["content"]} for m in value]
             try:
-                return self.tok.render(turns, self.s.chat_template, self.s.system_prompt), None
+                return self.tok.render(turns, self.s.model.chat_template, self.s.model.system_prompt), None
             except Exception as e:  # a template that raises belongs to the row, not the shard
                 return None, f"messages could not be rendered by the chat template: {type(e).__name__}: {e}"
         if not isinstance(value, str):
@@ -272,7 +228,7 @@ class ShardWorker:
         if not value.strip():
             return None, "prompt is empty"
         try:
-            return self.tok.prompt_text(value, self.s.chat_template, self.s.system_prompt), None
+            return self.tok.prompt_text(value, self.s.model.chat_template, self.s.model.system_prompt), None
         except Exception as e:
             return None, f"prompt could not be rendered by the chat template: {type(e).__name__}: {e}"
 
@@ -293,7 +249,7 @@ class ShardWorker:
         return text, ids, None
 
     def _inject_fault(self, shard: Shard, attempt: int) -> None:
-        if attempt < self.s.crash.get(shard.index, 0):
+        if attempt < self.s.faults.crash.get(shard.index, 0):
             with self._running:
                 self._crashing += 1
                 self._running.notify_all()
@@ -301,29 +257,29 @@ class ShardWorker:
             log.warning("fault injection: worker %s exits during shard %s (attempt %d)", self.name, shard.name,
                         attempt)
             os._exit(17)
-        if attempt < self.s.error.get(shard.index, 0):
+        if attempt < self.s.faults.error.get(shard.index, 0):
             raise RuntimeError(f"injected fault in shard {shard.name} (attempt {attempt})")
-        if attempt < self.s.hang.get(shard.index, 0):
+        if attempt < self.s.faults.hang.get(shard.index, 0):
             log.warning("fault injection: worker %s hangs in shard %s (attempt %d)", self.name, shard.name, attempt)
             while True:
                 time.sleep(60)
 
     def _ids(self, table: pa.Table, shard: Shard) -> tuple[list, pa.DataType]:
         """The rows' ids and their type: the id column's, or derived '<relpath>:<row>' strings."""
-        if not self.s.id_column:
+        if not self.s.input.id_column:
             return [f"{shard.relpath}:{shard.start + i}" for i in range(table.num_rows)], pa.string()
-        column = table.column(self.s.id_column)
+        column = table.column(self.s.input.id_column)
         ids, bad = decode_text(column)
         if bad:
             i, why = next(iter(bad.items()))
-            raise ShardDataError(f"input file {shard.file} row {shard.start + i}: id column {self.s.id_column!r} "
+            raise ShardDataError(f"input file {shard.file} row {shard.start + i}: id column {self.s.input.id_column!r} "
                                  f"is {why}; fix the input")
         return ids, column.type
 
     def _prompts(self, table: pa.Table, shard: Shard) -> tuple[list, list, list]:
         """Per input row: the prompt text (as the model gets it; a bad prompt as it came), its token ids (None for
         a bad row) and why it is bad (None for a good one)."""
-        values, undecodable = decode_text(table.column(self.s.messages_column or self.s.prompt_column))
+        values, undecodable = decode_text(table.column(self.s.input.text_column))
         texts, encoded, errors = [], [], []
         for i, v in enumerate(values):
             if i in undecodable:
@@ -338,11 +294,11 @@ class ShardWorker:
     def _constraints(self, table: pa.Table, shard: Shard, encoded: list, errors: list) -> list:
         """Each row's output constraint: the job's, or (structured_column) the row's own; a row whose constraint
         cannot be read becomes an error row (encoded and errors are updated in place)."""
-        if not self.s.structured_column:
-            return [self.s.structured] * len(encoded)
+        if not self.s.decode.structured_column:
+            return [self.s.decode.structured_outputs] * len(encoded)
         from fastdllm.structured import StructuredOutputs
 
-        values, undecodable = decode_text(table.column(self.s.structured_column))
+        values, undecodable = decode_text(table.column(self.s.decode.structured_column))
         out = []
         for i, v in enumerate(values):
             spec, why = None, undecodable.get(i)
@@ -351,7 +307,7 @@ class ShardWorker:
                     spec = StructuredOutputs.from_dict(json.loads(v) if isinstance(v, str) else v)
                     spec.check()
                 except ValueError as e:
-                    why = f"structured_outputs column {self.s.structured_column!r}: {str(e).splitlines()[0]}"
+                    why = f"structured_outputs column {self.s.decode.structured_column!r}: {str(e).splitlines()[0]}"
             if why is not None and errors[i] is None:
                 errors[i], encoded[i] = why, None
             out.append(spec)
@@ -362,7 +318,7 @@ class ShardWorker:
         """Decode num_samples samples of every good row through the worker's engine (batch_size rows in flight,
         joining in length order: similar lengths are in flight together), sample k of row i seeded by
         seed_id(ids[i], k). Returns completion ids, nfe and finish reasons per output row i * num_samples + k."""
-        ns = self.s.num_samples
+        ns = self.s.decode.num_samples
         todo = sorted((len(e), i, k) for i, e in enumerate(encoded) if e is not None for k in range(ns))
         completion_ids: list[list[int] | None] = [None] * (len(encoded) * ns)
         nfe = [0] * len(completion_ids)
@@ -410,10 +366,11 @@ class ShardWorker:
                               error_reasons={k: bad.count(k) for k in set(bad)})
         completion_ids, nfe, reasons = self._decode(encoded, ids, counters, shard, attempt, constraints)
 
-        ns = self.s.num_samples
+        ns = self.s.decode.num_samples
         rows = [i for i in range(table.num_rows) for _ in range(ns)]  # the input row of each output row
-        id_meta = table.schema.field(self.s.id_column).metadata if self.s.id_column else None  # JSON text ids
-        schema = pa.schema([pa.field(self.s.output_id, id_type, metadata=id_meta)] + OUTPUT_SCHEMA_TAIL)
+        id_column = self.s.input.id_column
+        id_meta = table.schema.field(id_column).metadata if id_column else None  # JSON text ids
+        schema = pa.schema([pa.field(self.s.id_name, id_type, metadata=id_meta)] + OUTPUT_SCHEMA_TAIL)
         out_table = pa.table([[ids[i] for i in rows], [k for _ in range(table.num_rows) for k in range(ns)],
                               [texts[i] for i in rows],
                               [self.tok.decode(t) if t is not None else None for t in completion_ids],
@@ -423,13 +380,14 @@ class ShardWorker:
         for f, column in zip(kept.schema, kept.columns):
             out_table = out_table.append_column(f, column)  # the field, so its metadata (JSON text) stays
         t_write = time.perf_counter()
-        data = encode_rows(out_table, self.s.output_format)
+        data = encode_rows(out_table, self.s.output.format)
 
         def record(file: DataFile) -> ShardRecord:  # called once the data file is written, before the marker
             counters.write_seconds = time.perf_counter() - t_write
             counters.wall_seconds = time.perf_counter() - t0
             return ShardRecord(shard=shard.index, stats=counters, file=file, worker=self.name, device=self.device,
-                               dtype=str(self.model.dtype).removeprefix("torch."), model=self.s.model_source, config={**self.cfg.to_dict(), "num_samples": ns},
+                               dtype=str(self.model.dtype).removeprefix("torch."), model=self.s.model.source,
+                               config=self.s.identity()["decode"],
                                attempt=attempt, started_at=started, finished_at=now())
 
         return self.out.commit(shard.index, data, out_table.num_rows, record, run_id=self.s.run_id)
