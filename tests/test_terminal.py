@@ -147,6 +147,26 @@ def test_a_bar_on_an_unsized_terminal_is_drawn_at_80_columns_and_a_sized_one_kee
         assert bar(total=1, desc="x", file=f).disable  # no terminal: no bar unless forced
 
 
+
+def test_generate_progress_bar_shows_on_an_unsized_terminal(monkeypatch):
+    import fastdllm
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
+    model, tok = fastdllm.load_model("tiny"), fastdllm.load_tokenizer("tiny")
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "w", closefd=False) as tty:
+            monkeypatch.setattr(sys, "stderr", tty)
+            out = fastdllm.generate(model, ["1+2=", "30+4=", "sort:321="], fastdllm.DecodeConfig(
+                gen_length=8, block_length=4, steps=8), tokenizer=tok, max_batch_size=2, progress=True)
+            drawn = os.read(master, 65536).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert len(out.tokens) == 3
+    assert "generate: 100%|" in drawn and "| 3/3 [" in drawn, drawn
+
 # -- a clean exit ----------------------------------------------------------------------------------------------------
 
 
