@@ -93,9 +93,9 @@ def generate(model: DiffusionLM, prompts, config: DecodeConfig | None = None, *,
     done = [None] * N
     bar = None
     if progress:
-        from tqdm import tqdm
+        from .progress import bar as progress_bar
 
-        bar = tqdm(total=N, unit="row", desc="generate")
+        bar = progress_bar(total=N, unit="row", desc="generate", enabled=True)
     while engine.pending:
         finished = engine.step()
         for f in finished:

@@ -36,6 +36,7 @@ from .manifest import WorkersSpec
 log = logging.getLogger("fastdllm.jobs")
 
 TIMEOUT_FACTOR = 5  # a derived shard timeout: this many times the slowest committed shard
+POLL_S = 1.0  # with a bar showing, ask each busy actor this often how many rows it has decoded
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -53,6 +54,11 @@ class WorkerActor:
     def run_shard(self, shard: Shard, attempt: int) -> ShardRecord:
         return self.worker.run_shard(shard, attempt)
 
+    def rows_decoded(self) -> int:
+        """Output rows decoded so far (committed or not); answered on the actor's spare thread while it decodes."""
+        worker = getattr(self, "worker", None)
+        return worker.rows_decoded() if worker is not None else 0
+
 
 @dataclass
 class Slot:
@@ -64,6 +70,9 @@ class Slot:
     since: float = 0.0  # when it entered `state`
     where: str = ""  # host:pid once placed
     running: dict = field(default_factory=dict)  # object ref -> (shard, when it was handed over)
+    decoded: int = 0  # output rows its actor had decoded at the last poll (the bar's rows in flight)
+    committed: int = 0  # of those, the rows of shards it committed
+    polling: bool = False  # a rows_decoded call is out
 
     def shards(self) -> list[Shard]:
         return [shard for shard, _ in self.running.values()]
@@ -96,8 +105,8 @@ class Dispatcher:
         self.recover = recover  # a shard's verified commit record, for shards whose worker died after committing
         self.check_signals = check_signals  # raises JobInterrupted once SIGTERM / SIGINT arrived (jobs/cluster.py)
         self.bar = None
-        self.actor_cls = ray.remote(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0,
-                                    max_concurrency=w.shards_per_actor)(WorkerActor)
+        self.actor_cls = ray.remote(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0,  # + 1: progress polls
+                                    max_concurrency=w.shards_per_actor + 1)(WorkerActor)
         self.queue: deque[Shard] = deque(shards)
         self.rows, self.total = sum(s.rows for s in shards), len(shards)
         self.attempts: dict[int, int] = {}
@@ -109,7 +118,7 @@ class Dispatcher:
         self.give_up_after = (w.max_retries + 1) * n_actors
         self.slots = [Slot(i) for i in range(n_actors)]
         now = time.monotonic()
-        self.t0 = self.last_commit = self.last_beat = now
+        self.t0 = self.last_commit = self.last_beat = self.last_poll = now
         self.unplaced_since: float | None = now
         for slot in self.slots:
             self._start(slot)
@@ -127,6 +136,8 @@ class Dispatcher:
     def _start(self, slot: Slot) -> None:
         """A fresh actor in `slot`: ask Ray to place it, then load its model (both calls queue on the actor)."""
         slot.actor, slot.where, slot.running = self.actor_cls.remote(), "", {}
+        slot.decoded = slot.committed = 0
+        slot.polling = False
         self.refs[slot.actor.placed.remote()] = (slot, "placed")
         self.refs[slot.actor.load.remote(self.settings)] = (slot, "loaded")
         self._set(slot, "placing")
@@ -181,6 +192,8 @@ class Dispatcher:
         """One attempt of `shard` on `slot` failed; with `replace` its actor is gone (died, or killed after a
         timeout), and so is every other shard it was running: each of those attempts failed too."""
         lost = []
+        if not replace:  # the rows this attempt decoded will not commit: the bar forgets them
+            slot.committed = slot.decoded
         if replace:
             running, slot.running = list(slot.running.values()), {}
             for other, since in running:  # a shard the worker committed before it died counts as committed
@@ -242,8 +255,8 @@ class Dispatcher:
             self._set(slot, "idle")
         if self.metrics:
             self.metrics.shard_committed(rec.stats)
-        bar.update(rec.stats.rows)
-        bar.set_postfix(tok_s=f"{self.out.tokens / (now - self.t0):.1f}", refresh=False)
+        slot.committed += sum(n for why, n in rec.stats.finish_reasons.items() if why != "error")
+        self._show(bar, now)
         log.debug("shard %s committed: %d rows, %.1f tokens/s on %s", shard_name(rec.shard), rec.stats.rows,
                   rec.stats.tokens_per_second, rec.worker)
 
@@ -256,6 +269,9 @@ class Dispatcher:
         try:
             value = ray.get(ref)
         except RayError as e:
+            if kind == "progress":  # the actor is gone: its shard's own result says so
+                slot.polling = False
+                return
             if kind == "shard":
                 detail = _ANSI.sub("", getattr(e, "traceback_str", None) or str(e))  # the worker's own traceback
                 data_error = isinstance(getattr(e, "cause", None), ShardDataError)
@@ -266,7 +282,11 @@ class Dispatcher:
             else:
                 self._worker_lost(slot, _reason(e))
             return
-        if kind == "placed":
+        if kind == "progress":
+            slot.polling = False
+            slot.decoded = max(slot.decoded, value)
+            self._show(bar, time.monotonic())
+        elif kind == "placed":
             slot.where = value
             self._set(slot, "loading")
             log.debug("worker %d placed on %s; loading the model", slot.index, value)
@@ -279,6 +299,25 @@ class Dispatcher:
             self._committed(slot, since, value, bar)
 
     # -- watching --------------------------------------------------------------------------------------------
+
+    def _poll(self, now: float) -> None:
+        """With the bar showing, ask busy actors how many rows they have decoded, so the bar moves between commits."""
+        if self.bar is None or self.bar.disable or now - self.last_poll < POLL_S:
+            return
+        self.last_poll = now
+        for slot in self.slots:
+            if slot.state == "busy" and not slot.polling:
+                self.refs[slot.actor.rows_decoded.remote()] = (slot, "progress")
+                slot.polling = True
+        self.bar.refresh()  # the elapsed time and rate move on even while nothing finishes
+
+    def _show(self, bar, now: float) -> None:
+        """The bar: output rows of committed shards plus those decoded in the shards running now."""
+        ns = self.settings.decode.num_samples
+        live = sum(min(max(0, s.decoded - s.committed), ns * sum(sh.rows for sh in s.shards())) for s in self.slots)
+        bar.update(self.rows_done * ns + live - bar.n)
+        bar.set_postfix(shards=f"{len(self.out.reported)}/{self.total}",
+                        tok_s=f"{self.out.tokens / (now - self.t0):.1f}", refresh=False)
 
     def shard_timeout(self) -> float | None:
         """workers.shard_timeout_s, else derived from the committed shards (None until one has committed)."""
@@ -361,11 +400,14 @@ class Dispatcher:
 
     def run(self) -> Outcome:
         import ray
-        from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        bar = self.bar = tqdm(total=self.rows, unit="row", desc=self.name,
-                   disable=None if self.progress is None else not self.progress)
+        from fastdllm.progress import bar as progress_bar
+
+        # output rows: they finish one by one (a prompt's samples need not finish together)
+        total = self.rows * self.settings.decode.num_samples
+        bar = self.bar = progress_bar(total=total, unit="row", desc=self.name, enabled=self.progress)
+        bar.set_postfix(shards=f"0/{self.total}", refresh=False)
         with logging_redirect_tqdm() if not bar.disable else nullcontext():  # log lines above the bar
             try:
                 while self.queue or any(s.state == "busy" for s in self.slots):
@@ -382,6 +424,7 @@ class Dispatcher:
                     self._check_timeouts(now)
                     self._check_placement(now)
                     self._heartbeat(now)
+                    self._poll(now)
             except JobInterrupted as e:
                 self.out.interrupted = e
                 running = [shard.name for s in self.slots for shard in s.shards()]

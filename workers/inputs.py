@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import threading
 from dataclasses import dataclass
@@ -370,9 +369,12 @@ def _parse_jsonl(data: bytes, uri: str, typed: tuple[str, ...]) -> pa.Table:
 
 
 def _parse_csv(data: bytes) -> pa.Table:
-    names = pacsv.open_csv(io.BytesIO(data)).schema.names
+    # Arrow's own buffer, not a Python file object: arrow's reader threads (open_csv reads ahead in the background)
+    # would call back into Python, and one still doing so when the interpreter exits aborts the process
+    # ("terminate called without an active exception", exit 134; see inspect_parquet)
+    names = pacsv.open_csv(pa.BufferReader(data)).schema.names
     opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in names}, strings_can_be_null=False)
-    return pacsv.read_csv(io.BytesIO(data), convert_options=opts)
+    return pacsv.read_csv(pa.BufferReader(data), convert_options=opts)
 
 
 def parse_text(data: bytes, fmt: str, uri: str, string_columns: tuple[str, ...] = (),

@@ -135,6 +135,7 @@ class SharedEngine:
         self.lock = threading.Lock()
         self.done: dict[int, fastdllm.Finished] = {}
         self.owner: dict[int, ShardStats] = {}  # request id -> the counters of the shard it belongs to
+        self.finished_rows = 0  # output rows decoded so far, all callers together (the driver's live progress)
 
     def run(self, requests: list[fastdllm.Request], counters: ShardStats) -> list[fastdllm.Finished]:
         e = self.engine
@@ -149,6 +150,7 @@ class SharedEngine:
                     forwards = e.stats["forward_passes"]
                     finished = e.step()
                     self.done.update((f.id, f) for f in finished)
+                    self.finished_rows += len(finished)
                     took_part: dict[int, list] = {}  # the shards whose rows were in this step: [counters, rows]
                     for r in e.rows.live:
                         c = self.owner[r.request.id]
@@ -201,6 +203,11 @@ class ShardWorker:
                 e = self._shared = SharedEngine(fastdllm.Engine(self.model, self.cfg, tokenizer=self.tok,
                                                                 max_batch_size=self.s.workers.batch_size))
             return e
+
+    def rows_decoded(self) -> int:
+        """Output rows this worker's engine has decoded so far, committed or not (0 before the first shard)."""
+        shared = self._shared
+        return shared.finished_rows if shared is not None else 0
 
     def _warm_up(self) -> None:
         """Decode one full batch of a one-token prompt, so the first shard does not pay for lazy kernel set-up
