@@ -66,14 +66,18 @@ S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "fdl-test-key", "AWS_SECRET_ACCESS_KEY": "fd
 # The local Ray the test modules share, run by a helper process for the whole session: a `ray.init` of its own
 # took 10-20 s per module on this 2-core machine (connecting to a running one takes a fraction of a second). It
 # reports metrics every half second (tests/test_cluster.py reads them) and its worker processes import torch before
-# they take an actor, as a long-lived cluster's warm workers have (fastdllm itself is imported by each actor, so
+# they take an actor (torch, transformers: ~6 s of an actor's start here), as a long-lived cluster's warm workers
+# have (fastdllm itself is imported by each actor, so
 # the shadowing test in tests/test_jobs.py still sees what the actor imports). The helper stops its Ray when its
 # stdin closes: at the end of the session, or when pytest dies.
 _SHARED_RAY_SCRIPT = r"""
 import json, os, sys
 import ray
+# what an actor's model load imports: torch, torch._dynamo (a module's init), transformers' tokenizer classes
+PRELOAD = ["torch", "torch._dynamo", "pyarrow.parquet", "transformers.models.auto.tokenization_auto",
+           "transformers.tokenization_utils_fast"]
 ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-         _system_config={"metrics_report_interval_ms": 500, "preload_python_modules": ["torch", "pyarrow.parquet"]})
+         _system_config={"metrics_report_interval_ms": 500, "preload_python_modules": PRELOAD})
 print(json.dumps({"address": ray.get_runtime_context().gcs_address,
                   "auth_mode": os.environ.get("RAY_AUTH_MODE")}), flush=True)
 sys.stdin.read()
