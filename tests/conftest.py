@@ -64,12 +64,11 @@ S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "fdl-test-key", "AWS_SECRET_ACCESS_KEY": "fd
                "AWS_DEFAULT_REGION": "us-east-1"}
 
 # The local Ray the test modules share, run by a helper process for the whole session: a `ray.init` of its own
-# took 10-20 s per module on this 2-core machine (connecting to a running one takes a fraction of a second). It
-# reports metrics every half second (tests/test_cluster.py reads them) and its worker processes import torch before
-# they take an actor (torch, transformers: ~6 s of an actor's start here), as a long-lived cluster's warm workers
-# have (fastdllm itself is imported by each actor, so
-# the shadowing test in tests/test_jobs.py still sees what the actor imports). The helper stops its Ray when its
-# stdin closes: at the end of the session, or when pytest dies.
+# took 10-20 s per module on this 2-core machine (joining a running one takes a fraction of a second). It reports
+# metrics every half second (tests/test_cluster.py reads them), and its worker processes import torch and
+# transformers before they take an actor (~5 s of a model load here), as a long-lived cluster's warm workers have;
+# fastdllm itself is still imported by each actor, so the shadowing test in tests/test_jobs.py sees what an actor
+# imports. The helper stops its Ray when its stdin closes: at the end of the session, or when pytest dies.
 _SHARED_RAY_SCRIPT = r"""
 import json, os, sys
 import ray
