@@ -35,7 +35,7 @@ S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray of 2 CPUs that reports metrics every half second."""
-    with own_local_ray(_system_config={"metrics_report_interval_ms": 500}) as address:
+    with own_local_ray() as address:  # the shared test Ray reports metrics every half second (conftest.py)
         yield address
 
 
