@@ -61,7 +61,7 @@ class WorkerActor:
 
 
 @dataclass
-class Slot:
+class Place:
     """One actor place of the job; its actor is replaced when it dies or hangs."""
 
     index: int
@@ -110,44 +110,44 @@ class Dispatcher:
         self.queue: deque[Shard] = deque(shards)
         self.rows, self.total = sum(s.rows for s in shards), len(shards)
         self.attempts: dict[int, int] = {}
-        self.refs: dict = {}  # object ref -> (slot, "placed" | "loaded" | "shard")
+        self.refs: dict = {}  # object ref -> (place, "placed" | "loaded" | "shard")
         self.durations: list[float] = []  # dispatch -> result of each committed shard
         self.out = Outcome()
         self.deaths = 0  # actor deaths since the last commit
         self.rows_done = 0  # prompts of the shards committed in this run
         self.give_up_after = (w.max_retries + 1) * n_actors
-        self.slots = [Slot(i) for i in range(n_actors)]
+        self.places = [Place(i) for i in range(n_actors)]
         now = time.monotonic()
         self.t0 = self.last_commit = self.last_beat = self.last_poll = now
         self.unplaced_since: float | None = now
-        for slot in self.slots:
-            self._start(slot)
+        for place in self.places:
+            self._start(place)
 
     # -- actors ----------------------------------------------------------------------------------------------
 
-    def _set(self, slot: Slot, state: str) -> None:
-        slot.state, slot.since = state, time.monotonic()
+    def _set(self, place: Place, state: str) -> None:
+        place.state, place.since = state, time.monotonic()
         if self.metrics:
             counts = {s: 0 for s in ("placing", "loading", "idle", "busy", "stopped")}
-            for s in self.slots:
+            for s in self.places:
                 counts[s.state] += 1
             self.metrics.actor_states(counts)
 
-    def _start(self, slot: Slot) -> None:
-        """A fresh actor in `slot`: ask Ray to place it, then load its model (both calls queue on the actor)."""
-        slot.actor, slot.where, slot.running = self.actor_cls.remote(), "", {}
-        slot.decoded = slot.committed = 0
-        slot.polling = False
-        self.refs[slot.actor.placed.remote()] = (slot, "placed")
-        self.refs[slot.actor.load.remote(self.settings)] = (slot, "loaded")
-        self._set(slot, "placing")
+    def _start(self, place: Place) -> None:
+        """A fresh actor in `place`: ask Ray to place it, then load its model (both calls queue on the actor)."""
+        place.actor, place.where, place.running = self.actor_cls.remote(), "", {}
+        place.decoded = place.committed = 0
+        place.polling = False
+        self.refs[place.actor.placed.remote()] = (place, "placed")
+        self.refs[place.actor.load.remote(self.settings)] = (place, "loaded")
+        self._set(place, "placing")
 
-    def _replace(self, slot: Slot) -> None:
+    def _replace(self, place: Place) -> None:
         import ray
 
-        self.refs = {r: v for r, v in self.refs.items() if v[0] is not slot}
-        ray.kill(slot.actor, no_restart=True)
-        self._start(slot)
+        self.refs = {r: v for r, v in self.refs.items() if v[0] is not place}
+        ray.kill(place.actor, no_restart=True)
+        self._start(place)
 
     def _gave_up(self, why: str) -> bool:
         """After `give_up_after` actor deaths with no commit in between (a model that cannot load, OOM, a node
@@ -160,71 +160,71 @@ class Dispatcher:
         self.queue.clear()
         return True
 
-    def _worker_lost(self, slot: Slot, why: str) -> None:
+    def _worker_lost(self, place: Place, why: str) -> None:
         """The actor died before it could take a shard (placement or model load failed)."""
         self.deaths += 1
         if self._gave_up(why):
-            self._set(slot, "stopped")
+            self._set(place, "stopped")
             return
-        log.warning("worker %d: %s; starting another", slot.index, why)
-        self._replace(slot)
+        log.warning("worker %d: %s; starting another", place.index, why)
+        self._replace(place)
 
     # -- shards ----------------------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         for depth in range(self.w.shards_per_actor):  # first every actor's current shard, then their next ones
-            for slot in self.slots:
+            for place in self.places:
                 if not self.queue:
                     return
-                if slot.state in ("idle", "busy") and len(slot.running) == depth:
+                if place.state in ("idle", "busy") and len(place.running) == depth:
                     shard = self.queue.popleft()
-                    ref = slot.actor.run_shard.remote(shard, self.attempts.get(shard.index, 0))
-                    self.refs[ref] = (slot, "shard")
-                    slot.running[ref] = (shard, time.monotonic())
-                    if slot.state == "idle":
-                        self._set(slot, "busy")
+                    ref = place.actor.run_shard.remote(shard, self.attempts.get(shard.index, 0))
+                    self.refs[ref] = (place, "shard")
+                    place.running[ref] = (shard, time.monotonic())
+                    if place.state == "idle":
+                        self._set(place, "busy")
 
     def _fail(self, shard: Shard, why: str, kind: str = "failed") -> None:
         self.out.failed[shard.index] = MissingShard(shard.index, kind, why)
 
-    def _attempt_failed(self, slot: Slot, shard: Shard, why: str, detail: str, replace: bool,
+    def _attempt_failed(self, place: Place, shard: Shard, why: str, detail: str, replace: bool,
                         data_error: bool = False) -> None:
-        """One attempt of `shard` on `slot` failed; with `replace` its actor is gone (died, or killed after a
+        """One attempt of `shard` on `place` failed; with `replace` its actor is gone (died, or killed after a
         timeout), and so is every other shard it was running: each of those attempts failed too."""
         lost = []
         if not replace:  # the rows this attempt decoded will not commit: the bar forgets them
-            slot.committed = slot.decoded
+            place.committed = place.decoded
         if replace:
-            running, slot.running = list(slot.running.values()), {}
+            running, place.running = list(place.running.values()), {}
             for other, since in running:  # a shard the worker committed before it died counts as committed
                 rec = self.recover(other)
                 if rec is None:
                     lost.append(other)
                 else:
-                    self._committed(slot, since, rec, self.bar)
+                    self._committed(place, since, rec, self.bar)
             self.deaths += 1
         gave_up = replace and self.deaths >= self.give_up_after
         rec = self.recover(shard) if replace else None
         if rec is not None:
-            self._committed(slot, None, rec, self.bar)
+            self._committed(place, None, rec, self.bar)
         else:
-            self._attempt_failed_one(slot, shard, why, detail, data_error, gave_up)
+            self._attempt_failed_one(place, shard, why, detail, data_error, gave_up)
         for other in lost:
-            self._attempt_failed_one(slot, other, f"{why} (while its worker ran shard {shard.name})",
+            self._attempt_failed_one(place, other, f"{why} (while its worker ran shard {shard.name})",
                                      f"lost with its worker, which was running shard {shard.name}", False, gave_up)
         if gave_up:
             self._gave_up(why)
-            self._set(slot, "stopped")
+            self._set(place, "stopped")
         elif replace:
-            self._replace(slot)
-        elif not slot.running:
-            self._set(slot, "idle")
+            self._replace(place)
+        elif not place.running:
+            self._set(place, "idle")
 
-    def _attempt_failed_one(self, slot: Slot, shard: Shard, why: str, detail: str, data_error: bool,
+    def _attempt_failed_one(self, place: Place, shard: Shard, why: str, detail: str, data_error: bool,
                             gave_up: bool) -> None:
         attempt = self.attempts.get(shard.index, 0)
         when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.write_log(shard, attempt, f"shard {shard.name} attempt {attempt} on {slot.where or '?'} failed at "
+        self.write_log(shard, attempt, f"shard {shard.name} attempt {attempt} on {place.where or '?'} failed at "
                                        f"{when}: {why}\n\n{detail.rstrip()}\n")
         if self.metrics:
             self.metrics.attempt_failed()
@@ -243,7 +243,7 @@ class Dispatcher:
             log.error("shard %s failed after %d attempts: %s", shard.name, n, why)
             self._fail(shard, why)
 
-    def _committed(self, slot: Slot, since: float | None, rec: ShardRecord, bar) -> None:
+    def _committed(self, place: Place, since: float | None, rec: ShardRecord, bar) -> None:
         now = time.monotonic()
         if since is not None:  # None: found committed after its worker died (its duration is unknown)
             self.durations.append(now - since)
@@ -251,11 +251,11 @@ class Dispatcher:
         self.out.tokens += rec.stats.generated_tokens
         self.rows_done += rec.stats.rows
         self.out.reported.add(rec.shard)
-        if not slot.running:
-            self._set(slot, "idle")
+        if not place.running:
+            self._set(place, "idle")
         if self.metrics:
             self.metrics.shard_committed(rec.stats)
-        slot.committed += sum(n for why, n in rec.stats.finish_reasons.items() if why != "error")
+        place.committed += sum(n for why, n in rec.stats.finish_reasons.items() if why != "error")
         self._show(bar, now)
         log.debug("shard %s committed: %d rows, %.1f tokens/s on %s", shard_name(rec.shard), rec.stats.rows,
                   rec.stats.tokens_per_second, rec.worker)
@@ -264,39 +264,39 @@ class Dispatcher:
         import ray
         from ray.exceptions import RayError, RayTaskError
 
-        slot, kind = self.refs.pop(ref)
-        shard, since = slot.running.pop(ref) if kind == "shard" else (None, 0.0)
+        place, kind = self.refs.pop(ref)
+        shard, since = place.running.pop(ref) if kind == "shard" else (None, 0.0)
         try:
             value = ray.get(ref)
         except RayError as e:
             if kind == "progress":  # the actor is gone: its shard's own result says so
-                slot.polling = False
+                place.polling = False
                 return
             if kind == "shard":
                 detail = _ANSI.sub("", getattr(e, "traceback_str", None) or str(e))  # the worker's own traceback
                 data_error = isinstance(getattr(e, "cause", None), ShardDataError)
-                self._attempt_failed(slot, shard, str(e.cause) if data_error else _reason(e), detail,
+                self._attempt_failed(place, shard, str(e.cause) if data_error else _reason(e), detail,
                                      replace=not isinstance(e, RayTaskError), data_error=data_error)
             elif kind == "loaded" and isinstance(e, RayTaskError):
-                self._worker_lost(slot, f"worker could not load the model: {_reason(e)}")
+                self._worker_lost(place, f"worker could not load the model: {_reason(e)}")
             else:
-                self._worker_lost(slot, _reason(e))
+                self._worker_lost(place, _reason(e))
             return
         if kind == "progress":
-            slot.polling = False
-            slot.decoded = max(slot.decoded, value)
+            place.polling = False
+            place.decoded = max(place.decoded, value)
             self._show(bar, time.monotonic())
         elif kind == "placed":
-            slot.where = value
-            self._set(slot, "loading")
-            log.debug("worker %d placed on %s; loading the model", slot.index, value)
+            place.where = value
+            self._set(place, "loading")
+            log.debug("worker %d placed on %s; loading the model", place.index, value)
         elif kind == "loaded":
-            self._set(slot, "idle")
+            self._set(place, "idle")
             if self.out.ready_at is None:
                 self.out.ready_at = time.monotonic()
-            log.info("worker %d ready on %s", slot.index, value)
+            log.info("worker %d ready on %s", place.index, value)
         else:
-            self._committed(slot, since, value, bar)
+            self._committed(place, since, value, bar)
 
     # -- watching --------------------------------------------------------------------------------------------
 
@@ -305,16 +305,16 @@ class Dispatcher:
         if self.bar is None or self.bar.disable or now - self.last_poll < POLL_S:
             return
         self.last_poll = now
-        for slot in self.slots:
-            if slot.state == "busy" and not slot.polling:
-                self.refs[slot.actor.rows_decoded.remote()] = (slot, "progress")
-                slot.polling = True
+        for place in self.places:
+            if place.state == "busy" and not place.polling:
+                self.refs[place.actor.rows_decoded.remote()] = (place, "progress")
+                place.polling = True
         self.bar.refresh()  # the elapsed time and rate move on even while nothing finishes
 
     def _show(self, bar, now: float) -> None:
         """The bar: output rows of committed shards plus those decoded in the shards running now."""
         ns = self.settings.decode.num_samples
-        live = sum(min(max(0, s.decoded - s.committed), ns * sum(sh.rows for sh in s.shards())) for s in self.slots)
+        live = sum(min(max(0, s.decoded - s.committed), ns * sum(sh.rows for sh in s.shards())) for s in self.places)
         bar.update(self.rows_done * ns + live - bar.n)
         bar.set_postfix(shards=f"{len(self.out.reported)}/{self.total}",
                         tok_s=f"{self.out.tokens / (now - self.t0):.1f}", refresh=False)
@@ -331,20 +331,20 @@ class Dispatcher:
         limit = self.shard_timeout()
         if limit is None:
             return
-        for slot in self.slots:
-            late = [(ref, shard, since) for ref, (shard, since) in slot.running.items() if now - since > limit]
+        for place in self.places:
+            late = [(ref, shard, since) for ref, (shard, since) in place.running.items() if now - since > limit]
             if late:
                 ref, shard, since = late[0]
                 how = "workers.shard_timeout_s" if self.w.shard_timeout_s else (
                     f"{TIMEOUT_FACTOR}x the slowest committed shard, at least workers.min_shard_timeout_s")
-                self.refs = {r: v for r, v in self.refs.items() if v[0] is not slot}
-                del slot.running[ref]
-                self._attempt_failed(slot, shard, f"timed out after {limit:.0f}s ({how})",
+                self.refs = {r: v for r, v in self.refs.items() if v[0] is not place}
+                del place.running[ref]
+                self._attempt_failed(place, shard, f"timed out after {limit:.0f}s ({how})",
                                      f"no result after {now - since:.0f}s; the actor was killed", replace=True)
 
     def _check_placement(self, now: float) -> None:
         """Give up on the queue when no actor has been placed for workers.placement_timeout_s."""
-        if any(s.state != "placing" for s in self.slots):
+        if any(s.state != "placing" for s in self.places):
             self.unplaced_since = None
             return
         if self.unplaced_since is None:
@@ -362,7 +362,7 @@ class Dispatcher:
         if now - self.last_beat < self.w.heartbeat_s:
             return
         self.last_beat = now
-        placing = [s for s in self.slots if s.state == "placing"]
+        placing = [s for s in self.places if s.state == "placing"]
         if placing:
             left = ""
             if self.unplaced_since is not None:
@@ -371,9 +371,9 @@ class Dispatcher:
                      describe_cluster(), left)
         self._progress_line(now)
         if now - self.last_commit >= self.w.heartbeat_s:
-            busy = [f"{shard.name} {now - since:.0f}s on {s.where}" for s in self.slots
+            busy = [f"{shard.name} {now - since:.0f}s on {s.where}" for s in self.places
                     for shard, since in s.running.values()]
-            loading = sum(s.state == "loading" for s in self.slots)
+            loading = sum(s.state == "loading" for s in self.places)
             limit = self.shard_timeout()
             log.info("no shard committed for %.0fs: %d/%d committed in this run, %d queued; running: %s%s; shard "
                      "timeout %s", now - self.last_commit, len(self.durations), self.total, len(self.queue),
@@ -394,7 +394,7 @@ class Dispatcher:
 
     def _stop(self, why: str, kind: str = "failed") -> None:
         """Every queued or running shard is missing, for `why`."""
-        for s in [*self.queue, *(shard for slot in self.slots for shard in slot.shards())]:
+        for s in [*self.queue, *(shard for place in self.places for shard in place.shards())]:
             self._fail(s, why, kind)
         self.queue.clear()
 
@@ -410,7 +410,7 @@ class Dispatcher:
         bar.set_postfix(shards=f"0/{self.total}", refresh=False)
         with logging_redirect_tqdm() if not bar.disable else nullcontext():  # log lines above the bar
             try:
-                while self.queue or any(s.state == "busy" for s in self.slots):
+                while self.queue or any(s.state == "busy" for s in self.places):
                     self.check_signals()
                     if self.lost():
                         self._stop(f"not finished: {self.lost()}")
@@ -427,13 +427,13 @@ class Dispatcher:
                     self._poll(now)
             except JobInterrupted as e:
                 self.out.interrupted = e
-                running = [shard.name for s in self.slots for shard in s.shards()]
+                running = [shard.name for s in self.places for shard in s.shards()]
                 log.warning("%s: stopping; %d shards committed in this run, %s abandoned; rerun to resume",
                             e, len(self.durations), ", ".join(running) or "none")
                 self._stop(f"stopped by {e} before it committed", kind="not_run")
             finally:
                 bar.close()
-                for s in self.slots:
+                for s in self.places:
                     ray.kill(s.actor, no_restart=True)
         return self.out
 
