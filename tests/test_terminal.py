@@ -133,7 +133,11 @@ def test_a_bar_on_an_unsized_terminal_is_drawn_at_80_columns_and_a_sized_one_kee
             b = bar(total=5, desc="gen", unit="row", file=tty)
             b.update(2)
             b.close()
-            drawn = os.read(master, 65536).decode()
+            tty.flush()
+            chunks = []  # all it drew: one read can return part of it
+            while select.select([master], [], [], 0.5)[0]:
+                chunks.append(os.read(master, 65536))
+            drawn = b"".join(chunks).decode()
             assert "gen:  40%|" in drawn and "| 2/5 [" in drawn, drawn
             assert max(len(line) for line in re.split(r"[\r\n]", drawn)) <= 79, drawn
             fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
@@ -160,7 +164,11 @@ def test_generate_progress_bar_shows_on_an_unsized_terminal(monkeypatch):
             monkeypatch.setattr(sys, "stderr", tty)
             out = fastdllm.generate(model, ["1+2=", "30+4=", "sort:321="], fastdllm.DecodeConfig(
                 gen_length=8, block_length=4, steps=8), tokenizer=tok, max_batch_size=2, progress=True)
-            drawn = os.read(master, 65536).decode()
+            tty.flush()
+            chunks = []  # all it drew: one read can return part of it
+            while select.select([master], [], [], 0.5)[0]:
+                chunks.append(os.read(master, 65536))
+            drawn = b"".join(chunks).decode()
     finally:
         os.close(master)
         os.close(slave)
