@@ -189,6 +189,7 @@ def test_worker_dying_mid_shard_is_retried_on_a_new_actor(tmp_path, ray_cluster)
     assert stats["00001.json"]["worker"] != stats["00000.json"]["worker"]  # a new process took the retry
 
 
+@pytest.mark.slow  # ~25 s; a hung shard's timeout and retry are in CI through tests/test_terminal.py's bar test
 def test_stuck_shard_times_out_and_is_retried(tmp_path, ray_cluster):
     ids = write_inputs(tmp_path / "in", n_files=1, rows=6)
     m = parse_manifest(spec(tmp_path, faults={"hang": {0: 1}}, workers={"shard_timeout_s": 8}))

@@ -40,7 +40,10 @@ def output_rows(out: Path) -> list[dict]:
     return got
 
 
-@pytest.mark.parametrize("fmt,out_fmt", [("jsonl", "parquet"), ("hf", "parquet"),  # CSV jobs: test_dataset_output
+# ~20 s each. In CI: a text-input job through Ray in test_dataset_output (CSV), JSONL and hf inputs through a worker
+# in test_dataset_output / test_id_name / test_rows, resume-every-row-once in test_jobs.
+@pytest.mark.parametrize("fmt,out_fmt", [pytest.param("jsonl", "parquet", marks=pytest.mark.slow),
+                                         pytest.param("hf", "parquet", marks=pytest.mark.slow),
                                          pytest.param("csv", "jsonl", marks=pytest.mark.slow)])
 def test_format_runs_and_resumes_every_row_once(tmp_path, ray_address, fmt, out_fmt):
     data = rows()
