@@ -56,7 +56,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     for d in $("$venv/bin/python" -m pip config get global.find-links 2>/dev/null) ${PIP_FIND_LINKS:-}; do
       [ -d "$d" ] && links+=(--find-links "$d")
     done
-    "$uv" pip install -q --python "$venv/bin/python" "${links[@]}" -e "$root[test,plot]"
+    # --compile-bytecode: pip writes .pyc files at install, uv does not; where PYTHONDONTWRITEBYTECODE is set (as
+    # on this project's machines) every process would otherwise compile torch, transformers and ray anew (~5 s
+    # for each Ray worker and CLI start here).
+    "$uv" pip install -q --compile-bytecode --python "$venv/bin/python" "${links[@]}" -e "$root[test,plot]"
   else
     echo "[setup] installing fastdllm and its dependencies into $venv (pip)"
     "${pip[@]}" install -e "$root[test,plot]"
