@@ -210,6 +210,11 @@ def test_more_actors_than_the_cluster_holds_finish_on_the_placed_ones(tmp_path, 
     caplog.set_level("INFO", logger="fastdllm")
     ids = write_inputs(tmp_path / "in", n_files=2, rows=6)
     m = parse_manifest(spec(tmp_path, workers={"count": 3, "heartbeat_s": 1}))
+    import ray
+
+    deadline = time.monotonic() + 60  # the previous test's actors (the session's Ray is shared) are being ended
+    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < 2:
+        time.sleep(0.1)
     result = run_job(m, address=ray_local)
     assert result.ok, result.failed
     assert sorted(r["id"] for r in output_rows(tmp_path / "out")) == ids
