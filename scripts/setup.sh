@@ -59,7 +59,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # --compile-bytecode: pip writes .pyc files at install, uv does not; where PYTHONDONTWRITEBYTECODE is set (as
     # on this project's machines) every process would otherwise compile torch, transformers and ray anew (~5 s
     # for each Ray worker and CLI start here).
-    "$uv" pip install -q --compile-bytecode --python "$venv/bin/python" "${links[@]}" -e "$root[test,plot]"
+    "$uv" pip install -q --compile-bytecode --python "$venv/bin/python" "${links[@]}" -e "$root[test,plot]" || {
+      echo "[setup] uv could not install them (see above); installing with pip"
+      "${pip[@]}" install -e "$root[test,plot]"
+    }
   else
     echo "[setup] installing fastdllm and its dependencies into $venv (pip)"
     "${pip[@]}" install -e "$root[test,plot]"
